@@ -1,0 +1,141 @@
+//! What the hub takes from a requester's headers: a validated request id, the hub path and hops
+//! it may only restrict, and the verification context bound into `x-hub-binding`.
+
+use http::{HeaderMap, HeaderValue};
+use multihub_protocol::headers::{HUB_HOPS, HUB_PATH, REQUEST_ID, VERIFICATION_CONTEXT};
+use multihub_protocol::ids::{generate_request_id, validate_hub_id, validate_request_id};
+
+use crate::reject::Reject;
+
+/// The requester-controlled inputs, validated.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub request_id: HeaderValue,
+    /// True when the hub generated the id.
+    pub generated: bool,
+    /// Inbound `x-hub-path`, validated (comma-separated ids), or empty.
+    pub path_in: Option<HeaderValue>,
+    /// Inbound `x-hub-hops`.
+    pub hops_in: Option<u32>,
+    /// The requester's `x-verification-context`, or empty.
+    pub context: HeaderValue,
+}
+
+fn single<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a HeaderValue>, Reject> {
+    let mut it = headers.get_all(name).iter();
+    let first = it.next();
+    if it.next().is_some() {
+        return Err(Reject::new(400, "duplicate_header", format!("{name} given more than once")));
+    }
+    Ok(first)
+}
+
+/// The ids in a hub path (`hub-a,hub-b`), each trimmed.
+pub fn path_ids(path: &str) -> impl Iterator<Item = &str> {
+    path.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Validates the requester-controlled headers.
+pub fn inbound(headers: &HeaderMap) -> Result<Inbound, Reject> {
+    let (request_id, generated) = match single(headers, REQUEST_ID)? {
+        Some(v) => {
+            validate_request_id(v.as_bytes()).map_err(|e| {
+                Reject::new(400, "bad_request_id", format!("x-request-id {e}; expected 1-128 of [A-Za-z0-9._:-]"))
+            })?;
+            (v.clone(), false)
+        }
+        None => {
+            let id = generate_request_id();
+            // A generated id is hex, always a valid header value.
+            (HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0")), true)
+        }
+    };
+    let path_in = match single(headers, HUB_PATH)? {
+        Some(v) => {
+            let s = v
+                .to_str()
+                .map_err(|_| Reject::new(400, "bad_hub_path", "x-hub-path is not ASCII"))?;
+            let mut n = 0;
+            for id in path_ids(s) {
+                validate_hub_id(id)
+                    .map_err(|e| Reject::new(400, "bad_hub_path", format!("x-hub-path element {id:?} {e}")))?;
+                n += 1;
+            }
+            if n > 64 {
+                return Err(Reject::new(400, "bad_hub_path", "x-hub-path has more than 64 hubs"));
+            }
+            if n == 0 {
+                None
+            } else {
+                Some(v.clone())
+            }
+        }
+        None => None,
+    };
+    let hops_in = match single(headers, HUB_HOPS)? {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .ok_or_else(|| Reject::new(400, "bad_hub_hops", "x-hub-hops must be a non-negative integer"))?,
+        ),
+        None => None,
+    };
+    let context = match single(headers, VERIFICATION_CONTEXT)? {
+        Some(v) => v.clone(),
+        None => HeaderValue::from_static(""),
+    };
+    Ok(Inbound {
+        request_id,
+        generated,
+        path_in,
+        hops_in,
+        context,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(*k, HeaderValue::from_static(v));
+        }
+        m
+    }
+
+    #[test]
+    fn request_id_is_kept_or_generated() {
+        let i = inbound(&h(&[("x-request-id", "abc-1")])).unwrap_or_else(|r| panic!("{r:?}"));
+        assert_eq!((i.request_id.to_str().unwrap_or(""), i.generated), ("abc-1", false));
+        let i = inbound(&h(&[])).unwrap_or_else(|r| panic!("{r:?}"));
+        assert!(i.generated);
+        assert_eq!(i.request_id.len(), 32);
+    }
+
+    #[test]
+    fn bad_inputs_are_400_with_a_kind() {
+        for (hs, kind) in [
+            (h(&[("x-request-id", "a b")]), "bad_request_id"),
+            (h(&[("x-request-id", "a"), ("x-request-id", "b")]), "duplicate_header"),
+            (h(&[("x-hub-path", "hub-a,hub b")]), "bad_hub_path"),
+            (h(&[("x-hub-hops", "-1")]), "bad_hub_hops"),
+            (h(&[("x-hub-hops", "x")]), "bad_hub_hops"),
+        ] {
+            let r = inbound(&hs).err().unwrap_or_else(|| Reject::new(0, "", ""));
+            assert_eq!((r.status, r.kind), (400, kind), "{hs:?}");
+        }
+    }
+
+    #[test]
+    fn path_hops_and_context() {
+        let i = inbound(&h(&[("x-hub-path", "hub-a, hub-b"), ("x-hub-hops", "3"), ("x-verification-context", "c1")]))
+            .unwrap_or_else(|r| panic!("{r:?}"));
+        assert_eq!(i.hops_in, Some(3));
+        assert_eq!(i.path_in.as_ref().map(|v| v.as_bytes()), Some(&b"hub-a, hub-b"[..]));
+        assert_eq!(i.context, "c1");
+        assert_eq!(path_ids("hub-a, hub-b").collect::<Vec<_>>(), vec!["hub-a", "hub-b"]);
+    }
+}

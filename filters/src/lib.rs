@@ -1,0 +1,22 @@
+//! The hub's request logic as plain functions over borrowed views: no Pingora, no I/O on the
+//! request path. `proxy/` calls these from its Pingora phases and acts on the returned decision.
+//!
+//! - [`table`]: the routing-table runtime model, lowered and validated from the file model.
+//! - [`source`]: reading a table from a single file or a `routes/` directory with an `active` pointer.
+//! - [`plan`]: the per-request decision: route, request id, targets, relays, outbound hub headers.
+//! - [`reject`]: every refusal as a status code and a JSON body.
+
+pub mod forward;
+pub mod inbound;
+pub mod matching;
+pub mod plan;
+pub mod reject;
+pub mod relay;
+pub mod select;
+pub mod source;
+pub mod table;
+pub mod url;
+
+pub use plan::{plan, Plan, RequestView};
+pub use reject::Reject;
+pub use table::{compile, ConfigError, Problem, Route, RoutingTable, Upstream, UpstreamKind};

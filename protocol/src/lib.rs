@@ -1,0 +1,12 @@
+//! The wire contract of `DESIGN.md` shared by the hub, the providers and the association.
+//!
+//! This crate owns names and formulas only: header names (§3), the request-id grammar, the body
+//! representation and binding hashes, and the routing-table file model (§2). It has no I/O.
+
+pub mod hashing;
+pub mod headers;
+pub mod ids;
+pub mod routes;
+
+pub use hashing::{binding_hex, repr_of, Repr};
+pub use ids::{generate_request_id, validate_hub_id, validate_request_id, IdError};
