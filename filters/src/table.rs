@@ -209,6 +209,10 @@ fn resolve(c: &mut Collector, path: &str, u: &UpstreamUrl) -> Option<SocketAddr>
 
 fn upstream_url(c: &mut Collector, path: &str, raw: &str) -> Option<(UpstreamUrl, SocketAddr, HeaderValue)> {
     match url::parse(raw) {
+        Ok(u) if u.tls => {
+            c.push(path, format!("{raw:?}: https upstreams need a TLS-enabled build, which this release is not"));
+            None
+        }
         Ok(u) => {
             let addr = resolve(c, path, &u)?;
             let host = header_value(c, path, &u.authority());

@@ -1,0 +1,17 @@
+//! The multihub hub: thin Pingora glue around `multihub-filters`.
+//!
+//! - [`cli`]: the command line of `multihub-hub`.
+//! - [`hub`]: the `ProxyHttp` implementation (request phases).
+//! - [`deliver`]: pooled upstream deliveries.
+//! - [`state`]: the swapped table slot and the delivery engine.
+//! - [`server`]: building and running the Pingora server.
+
+pub mod cli;
+pub mod deliver;
+pub mod error;
+pub mod hub;
+pub mod logger;
+pub mod server;
+pub mod state;
+
+pub use error::HubError;

@@ -1,0 +1,158 @@
+//! Delivering one buffered request to one upstream over pooled HTTP/1.1 connections.
+//!
+//! A delivery is: take a pooled connection (or connect), send the head and the body, read the
+//! complete response (draining its body), and give the connection back to the pool only after a
+//! clean, complete exchange. A reused connection that fails before any response byte is retried
+//! once on a fresh connection (the upstream closed an idle keep-alive connection).
+
+use pingora_core::connectors::{ConnectorOptions, TransportConnector};
+use pingora_core::protocols::http::v1::client::HttpSession;
+use pingora_core::protocols::Stream;
+use pingora_core::upstreams::peer::{HttpPeer, Peer};
+use pingora_http::RequestHeader;
+use std::fmt;
+use std::time::Duration;
+
+/// Why a delivery did not end in a 2xx.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection could be made.
+    Refused(String),
+    /// No complete response within the upstream's timeout.
+    Timeout,
+    /// The upstream answered with a non-2xx status.
+    Status(u16),
+    /// The exchange broke after connecting.
+    Broken(String),
+    /// Not attempted: an earlier target of a sequential route did not acknowledge.
+    Skipped,
+    /// Not attempted: the in-flight bound was reached.
+    InFlightFull,
+}
+
+impl Failure {
+    /// A small fixed vocabulary, usable as a metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Failure::Refused(_) => "refused",
+            Failure::Timeout => "timeout",
+            Failure::Status(_) => "status",
+            Failure::Broken(_) => "broken",
+            Failure::Skipped => "skipped",
+            Failure::InFlightFull => "in_flight_full",
+        }
+    }
+
+    /// Worth another attempt (connect errors, timeouts, 5xx, broken exchanges).
+    pub fn retryable(&self) -> bool {
+        match self {
+            Failure::Refused(_) | Failure::Timeout | Failure::Broken(_) => true,
+            Failure::Status(s) => *s >= 500,
+            Failure::Skipped | Failure::InFlightFull => false,
+        }
+    }
+
+    /// True when the upstream is probably unreachable (used for passive health).
+    pub fn unreachable(&self) -> bool {
+        matches!(self, Failure::Refused(_) | Failure::Timeout)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Refused(e) => write!(f, "connection refused or failed: {e}"),
+            Failure::Timeout => f.write_str("no complete response within the timeout"),
+            Failure::Status(s) => write!(f, "answered status {s}"),
+            Failure::Broken(e) => write!(f, "exchange broken: {e}"),
+            Failure::Skipped => f.write_str("not attempted: an earlier target in the sequence did not acknowledge"),
+            Failure::InFlightFull => f.write_str("not attempted: the hub's in-flight delivery bound was reached"),
+        }
+    }
+}
+
+/// How long an idle upstream connection stays in the pool.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The upstream connection pool shared by every delivery of the process (across table versions:
+/// the pool key is the peer's address, so connections survive reloads).
+pub struct Deliverer {
+    transport: TransportConnector,
+}
+
+enum ExchangeError {
+    /// Failed before any response byte: the request may be retried on a fresh connection.
+    BeforeResponse(String),
+    After(String),
+}
+
+impl Deliverer {
+    pub fn new(pool_size: usize) -> Self {
+        let mut opts = ConnectorOptions::new(pool_size);
+        opts.keepalive_pool_size = pool_size;
+        Deliverer {
+            transport: TransportConnector::new(Some(opts)),
+        }
+    }
+
+    /// Sends one request and reads the whole response. `Ok(status)` is always a 2xx.
+    pub async fn deliver(&self, peer: &HttpPeer, req: &RequestHeader, body: &[u8], timeout: Duration) -> Result<u16, Failure> {
+        match tokio::time::timeout(timeout, self.deliver_inner(peer, req, body)).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure::Timeout),
+        }
+    }
+
+    async fn deliver_inner(&self, peer: &HttpPeer, req: &RequestHeader, body: &[u8]) -> Result<u16, Failure> {
+        let (stream, reused) = self
+            .transport
+            .get_stream(peer)
+            .await
+            .map_err(|e| Failure::Refused(e.to_string()))?;
+        let status = match self.exchange(stream, peer, req, body).await {
+            Ok(s) => s,
+            Err(ExchangeError::BeforeResponse(_)) if reused => {
+                let stream = self
+                    .transport
+                    .new_stream(peer)
+                    .await
+                    .map_err(|e| Failure::Refused(e.to_string()))?;
+                match self.exchange(stream, peer, req, body).await {
+                    Ok(s) => s,
+                    Err(ExchangeError::BeforeResponse(e) | ExchangeError::After(e)) => return Err(Failure::Broken(e)),
+                }
+            }
+            Err(ExchangeError::BeforeResponse(e) | ExchangeError::After(e)) => return Err(Failure::Broken(e)),
+        };
+        if (200..300).contains(&status) {
+            Ok(status)
+        } else {
+            Err(Failure::Status(status))
+        }
+    }
+
+    async fn exchange(&self, stream: Stream, peer: &HttpPeer, req: &RequestHeader, body: &[u8]) -> Result<u16, ExchangeError> {
+        let before = |e: pingora_error::BError| ExchangeError::BeforeResponse(e.to_string());
+        let mut s = HttpSession::new_with_options(stream, peer);
+        s.write_request_header(Box::new(req.clone())).await.map_err(before)?;
+        if !body.is_empty() {
+            s.write_body(body).await.map_err(before)?;
+        }
+        s.finish_body().await.map_err(before)?;
+        s.read_response().await.map_err(before)?;
+        let status = s.get_status().map(|c| c.as_u16()).unwrap_or(0);
+        // Drain the body (bounded by the caller's timeout) so the connection can be reused.
+        loop {
+            match s.read_body_bytes().await {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => return Err(ExchangeError::After(e.to_string())),
+            }
+        }
+        s.respect_keepalive();
+        if let Some(stream) = s.reuse().await {
+            self.transport.release_stream(stream, peer.reuse_hash(), Some(IDLE_TIMEOUT));
+        }
+        Ok(status)
+    }
+}

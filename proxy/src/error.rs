@@ -1,0 +1,13 @@
+//! Errors of the hub crate.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum HubError {
+    #[error(transparent)]
+    Config(#[from] multihub_filters::ConfigError),
+    #[error("bad command line: {0}")]
+    Usage(String),
+    #[error("cannot start the server: {0}")]
+    Server(String),
+}
