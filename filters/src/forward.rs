@@ -11,7 +11,11 @@ pub fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
     let mut out = Vec::new();
     for v in headers.get_all(http::header::CONNECTION) {
         if let Ok(s) = v.to_str() {
-            out.extend(s.split(',').map(|t| t.trim().to_ascii_lowercase()).filter(|t| !t.is_empty()));
+            out.extend(
+                s.split(',')
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .filter(|t| !t.is_empty()),
+            );
         }
     }
     out
@@ -31,7 +35,12 @@ pub fn is_forwarded(name: &HeaderName, connection: &[String]) -> bool {
 }
 
 /// The hub headers of DESIGN §3 for one request, in a fixed order.
-pub fn hub_headers(table: &RoutingTable, plan: &Plan, repr: HeaderValue, binding: HeaderValue) -> [(&'static str, HeaderValue); 10] {
+pub fn hub_headers(
+    table: &RoutingTable,
+    plan: &Plan,
+    repr: HeaderValue,
+    binding: HeaderValue,
+) -> [(&'static str, HeaderValue); 10] {
     let route = &table.routes[plan.route];
     [
         (h::REQUEST_ID, plan.inbound.request_id.clone()),
@@ -54,13 +63,40 @@ mod tests {
     #[test]
     fn hop_by_hop_hub_and_connection_listed_are_dropped() {
         let mut m = HeaderMap::new();
-        m.insert("connection", HeaderValue::from_static("keep-alive, X-Secret"));
+        m.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
         let conn = connection_tokens(&m);
-        for dropped in ["connection", "keep-alive", "te", "upgrade", "expect", "transfer-encoding", "x-hub-id", "x-hub-route-version", "x-secret", "host", "content-length", "x-request-id"] {
-            assert!(!is_forwarded(&HeaderName::from_static(dropped), &conn), "{dropped} forwarded");
+        for dropped in [
+            "connection",
+            "keep-alive",
+            "te",
+            "upgrade",
+            "expect",
+            "transfer-encoding",
+            "x-hub-id",
+            "x-hub-route-version",
+            "x-secret",
+            "host",
+            "content-length",
+            "x-request-id",
+        ] {
+            assert!(
+                !is_forwarded(&HeaderName::from_static(dropped), &conn),
+                "{dropped} forwarded"
+            );
         }
-        for kept in ["content-type", "authorization", "x-verification-context", "idempotency-key"] {
-            assert!(is_forwarded(&HeaderName::from_static(kept), &conn), "{kept} dropped");
+        for kept in [
+            "content-type",
+            "authorization",
+            "x-verification-context",
+            "idempotency-key",
+        ] {
+            assert!(
+                is_forwarded(&HeaderName::from_static(kept), &conn),
+                "{kept} dropped"
+            );
         }
     }
 }

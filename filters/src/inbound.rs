@@ -21,11 +21,18 @@ pub struct Inbound {
     pub context: HeaderValue,
 }
 
-fn single<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a HeaderValue>, Reject> {
+fn single<'a>(
+    headers: &'a HeaderMap,
+    name: &'static str,
+) -> Result<Option<&'a HeaderValue>, Reject> {
     let mut it = headers.get_all(name).iter();
     let first = it.next();
     if it.next().is_some() {
-        return Err(Reject::new(400, "duplicate_header", format!("{name} given more than once")));
+        return Err(Reject::new(
+            400,
+            "duplicate_header",
+            format!("{name} given more than once"),
+        ));
     }
     Ok(first)
 }
@@ -40,14 +47,21 @@ pub fn inbound(headers: &HeaderMap) -> Result<Inbound, Reject> {
     let (request_id, generated) = match single(headers, REQUEST_ID)? {
         Some(v) => {
             validate_request_id(v.as_bytes()).map_err(|e| {
-                Reject::new(400, "bad_request_id", format!("x-request-id {e}; expected 1-128 of [A-Za-z0-9._:-]"))
+                Reject::new(
+                    400,
+                    "bad_request_id",
+                    format!("x-request-id {e}; expected 1-128 of [A-Za-z0-9._:-]"),
+                )
             })?;
             (v.clone(), false)
         }
         None => {
             let id = generate_request_id();
             // A generated id is hex, always a valid header value.
-            (HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0")), true)
+            (
+                HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0")),
+                true,
+            )
         }
     };
     let path_in = match single(headers, HUB_PATH)? {
@@ -57,12 +71,21 @@ pub fn inbound(headers: &HeaderMap) -> Result<Inbound, Reject> {
                 .map_err(|_| Reject::new(400, "bad_hub_path", "x-hub-path is not ASCII"))?;
             let mut n = 0;
             for id in path_ids(s) {
-                validate_hub_id(id)
-                    .map_err(|e| Reject::new(400, "bad_hub_path", format!("x-hub-path element {id:?} {e}")))?;
+                validate_hub_id(id).map_err(|e| {
+                    Reject::new(
+                        400,
+                        "bad_hub_path",
+                        format!("x-hub-path element {id:?} {e}"),
+                    )
+                })?;
                 n += 1;
             }
             if n > 64 {
-                return Err(Reject::new(400, "bad_hub_path", "x-hub-path has more than 64 hubs"));
+                return Err(Reject::new(
+                    400,
+                    "bad_hub_path",
+                    "x-hub-path has more than 64 hubs",
+                ));
             }
             if n == 0 {
                 None
@@ -77,7 +100,13 @@ pub fn inbound(headers: &HeaderMap) -> Result<Inbound, Reject> {
             v.to_str()
                 .ok()
                 .and_then(|s| s.trim().parse::<u32>().ok())
-                .ok_or_else(|| Reject::new(400, "bad_hub_hops", "x-hub-hops must be a non-negative integer"))?,
+                .ok_or_else(|| {
+                    Reject::new(
+                        400,
+                        "bad_hub_hops",
+                        "x-hub-hops must be a non-negative integer",
+                    )
+                })?,
         ),
         None => None,
     };
@@ -109,7 +138,10 @@ mod tests {
     #[test]
     fn request_id_is_kept_or_generated() {
         let i = inbound(&h(&[("x-request-id", "abc-1")])).unwrap_or_else(|r| panic!("{r:?}"));
-        assert_eq!((i.request_id.to_str().unwrap_or(""), i.generated), ("abc-1", false));
+        assert_eq!(
+            (i.request_id.to_str().unwrap_or(""), i.generated),
+            ("abc-1", false)
+        );
         let i = inbound(&h(&[])).unwrap_or_else(|r| panic!("{r:?}"));
         assert!(i.generated);
         assert_eq!(i.request_id.len(), 32);
@@ -119,7 +151,10 @@ mod tests {
     fn bad_inputs_are_400_with_a_kind() {
         for (hs, kind) in [
             (h(&[("x-request-id", "a b")]), "bad_request_id"),
-            (h(&[("x-request-id", "a"), ("x-request-id", "b")]), "duplicate_header"),
+            (
+                h(&[("x-request-id", "a"), ("x-request-id", "b")]),
+                "duplicate_header",
+            ),
             (h(&[("x-hub-path", "hub-a,hub b")]), "bad_hub_path"),
             (h(&[("x-hub-hops", "-1")]), "bad_hub_hops"),
             (h(&[("x-hub-hops", "x")]), "bad_hub_hops"),
@@ -131,11 +166,21 @@ mod tests {
 
     #[test]
     fn path_hops_and_context() {
-        let i = inbound(&h(&[("x-hub-path", "hub-a, hub-b"), ("x-hub-hops", "3"), ("x-verification-context", "c1")]))
-            .unwrap_or_else(|r| panic!("{r:?}"));
+        let i = inbound(&h(&[
+            ("x-hub-path", "hub-a, hub-b"),
+            ("x-hub-hops", "3"),
+            ("x-verification-context", "c1"),
+        ]))
+        .unwrap_or_else(|r| panic!("{r:?}"));
         assert_eq!(i.hops_in, Some(3));
-        assert_eq!(i.path_in.as_ref().map(|v| v.as_bytes()), Some(&b"hub-a, hub-b"[..]));
+        assert_eq!(
+            i.path_in.as_ref().map(|v| v.as_bytes()),
+            Some(&b"hub-a, hub-b"[..])
+        );
         assert_eq!(i.context, "c1");
-        assert_eq!(path_ids("hub-a, hub-b").collect::<Vec<_>>(), vec!["hub-a", "hub-b"]);
+        assert_eq!(
+            path_ids("hub-a, hub-b").collect::<Vec<_>>(),
+            vec!["hub-a", "hub-b"]
+        );
     }
 }

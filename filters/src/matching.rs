@@ -62,7 +62,10 @@ pub fn match_route(table: &RoutingTable, req: &RequestView<'_>) -> Result<usize,
     Err(Reject::new(
         404,
         "no_route",
-        format!("no route of table {} matches {} {}", table.version, req.method, req.path),
+        format!(
+            "no route of table {} matches {} {}",
+            table.version, req.method, req.path
+        ),
     ))
 }
 
@@ -93,12 +96,22 @@ mod tests {
         };
         let post = &Method::POST;
         let get = &Method::GET;
-        assert_eq!(t.routes[match_route(&t, &view(post, "/v1/payments/9")).unwrap_or(99)].id, "payments");
+        assert_eq!(
+            t.routes[match_route(&t, &view(post, "/v1/payments/9")).unwrap_or(99)].id,
+            "payments"
+        );
         // GET is not allowed on payments: falls through to the shorter /v1 route.
-        assert_eq!(t.routes[match_route(&t, &view(get, "/v1/payments")).unwrap_or(99)].id, "v1");
-        let e = match_route(&t, &view(get, "/v2")).err().unwrap_or_else(|| Reject::new(0, "", ""));
+        assert_eq!(
+            t.routes[match_route(&t, &view(get, "/v1/payments")).unwrap_or(99)].id,
+            "v1"
+        );
+        let e = match_route(&t, &view(get, "/v2"))
+            .err()
+            .unwrap_or_else(|| Reject::new(0, "", ""));
         assert_eq!((e.status, e.kind), (404, "no_route"));
-        let e = match_route(&t, &view(post, "/_hub/outcomes")).err().unwrap_or_else(|| Reject::new(0, "", ""));
+        let e = match_route(&t, &view(post, "/_hub/outcomes"))
+            .err()
+            .unwrap_or_else(|| Reject::new(0, "", ""));
         assert_eq!(e.kind, "reserved_path");
     }
 
@@ -112,7 +125,16 @@ mod tests {
         let mut h = HeaderMap::new();
         let get = &Method::GET;
         let v = |h: &HeaderMap, host| {
-            match_route(&t, &RequestView { method: get, path: "/v1/x", host, headers: h }).is_ok()
+            match_route(
+                &t,
+                &RequestView {
+                    method: get,
+                    path: "/v1/x",
+                    host,
+                    headers: h,
+                },
+            )
+            .is_ok()
         };
         assert!(!v(&h, Some("api.example:8080")), "header missing");
         h.insert("x-tenant", http::HeaderValue::from_static("t1"));

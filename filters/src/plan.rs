@@ -34,7 +34,11 @@ pub struct Plan {
 }
 
 /// Plans a request, or refuses it (404 no route / reserved, 400 bad headers, 508 loop).
-pub fn plan(table: &RoutingTable, req: &RequestView<'_>, healthy: impl Fn(usize) -> bool) -> Result<Plan, Reject> {
+pub fn plan(
+    table: &RoutingTable,
+    req: &RequestView<'_>,
+    healthy: impl Fn(usize) -> bool,
+) -> Result<Plan, Reject> {
     let route = match_route(table, req)?;
     let inbound = inbound(req.headers)?;
     let r = &table.routes[route];

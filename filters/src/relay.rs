@@ -40,9 +40,17 @@ pub struct RelayPlan {
 
 /// Computes the relay plan. A request whose inbound path already names this hub has looped
 /// back here: 508, so nothing is delivered twice.
-pub fn plan_relays(table: &RoutingTable, route: &Route, inbound: &Inbound) -> Result<RelayPlan, Reject> {
+pub fn plan_relays(
+    table: &RoutingTable,
+    route: &Route,
+    inbound: &Inbound,
+) -> Result<RelayPlan, Reject> {
     let hub_id = table.hub.id.as_str();
-    let path_in = inbound.path_in.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
+    let path_in = inbound
+        .path_in
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if path_ids(path_in).any(|id| id == hub_id) {
         return Err(Reject::new(
             508,
@@ -68,7 +76,9 @@ pub fn plan_relays(table: &RoutingTable, route: &Route, inbound: &Inbound) -> Re
     let mut relays = Vec::with_capacity(route.relay.len());
     let mut suppressed = Vec::new();
     for &p in &route.relay {
-        let Some(peer) = table.upstream(p) else { continue };
+        let Some(peer) = table.upstream(p) else {
+            continue;
+        };
         if path_ids(path_in).any(|id| id == peer.id) {
             suppressed.push((p, Suppressed::Loop));
         } else if hops_out == 0 {
@@ -131,7 +141,9 @@ mod tests {
 
     #[test]
     fn own_id_on_the_path_is_a_loop() {
-        let r = run(&[("x-hub-path", "hub-a")]).err().unwrap_or_else(|| Reject::new(0, "", ""));
+        let r = run(&[("x-hub-path", "hub-a")])
+            .err()
+            .unwrap_or_else(|| Reject::new(0, "", ""));
         assert_eq!((r.status, r.kind), (508, "loop_detected"));
     }
 }

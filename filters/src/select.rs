@@ -20,7 +20,12 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// `healthy(i)` tells whether upstream `i` is believed reachable; only `count` consults it:
 /// the first N healthy targets in listed order, topped up with unhealthy ones in order when
 /// fewer than N are healthy (they are still tried and reported, never silently skipped).
-pub fn select_targets(route: &Route, headers: &HeaderMap, healthy: impl Fn(usize) -> bool, out: &mut Vec<usize>) {
+pub fn select_targets(
+    route: &Route,
+    headers: &HeaderMap,
+    healthy: impl Fn(usize) -> bool,
+    out: &mut Vec<usize>,
+) {
     let t = &route.targets;
     if t.is_empty() {
         return;
@@ -58,7 +63,10 @@ mod tests {
     use http::HeaderValue;
 
     fn table_with(select: &str) -> crate::table::RoutingTable {
-        let doc = sample().replace(r#""relay": ["hub-b"]"#, &format!(r#""relay": ["hub-b"], "select": {select}"#));
+        let doc = sample().replace(
+            r#""relay": ["hub-b"]"#,
+            &format!(r#""relay": ["hub-b"], "select": {select}"#),
+        );
         load_bytes(doc.as_bytes()).unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -96,8 +104,10 @@ mod tests {
             out[0]
         };
         assert_eq!(pick("t1"), pick("t1"));
-        let all: std::collections::BTreeSet<_> =
-            ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"].iter().map(|v| pick(v)).collect();
+        let all: std::collections::BTreeSet<_> = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]
+            .iter()
+            .map(|v| pick(v))
+            .collect();
         assert!(all.len() > 1, "ten tenants all on one target");
     }
 

@@ -50,7 +50,10 @@ pub fn active_file(routes: &Path) -> Result<(PathBuf, Option<String>), ConfigErr
             format!("{}: version {version:?} {e}", pointer.display()),
         ));
     }
-    Ok((routes.join(format!("{version}.json")), Some(version.to_string())))
+    Ok((
+        routes.join(format!("{version}.json")),
+        Some(version.to_string()),
+    ))
 }
 
 /// Reads, parses, validates and compiles the active table of a file or directory.
@@ -109,7 +112,10 @@ mod tests {
         std::fs::write(d.join("v2.json"), sample()).unwrap_or_else(|e| panic!("{e}"));
         std::fs::write(d.join("active"), "v2").unwrap_or_else(|e| panic!("{e}"));
         let err = load(&d).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.starts_with("$.version: \"v1\" does not match the active pointer \"v2\""), "{err}");
+        assert!(
+            err.starts_with("$.version: \"v1\" does not match the active pointer \"v2\""),
+            "{err}"
+        );
 
         std::fs::write(d.join("active"), "../etc/passwd").unwrap_or_else(|e| panic!("{e}"));
         assert!(load(&d).is_err());
@@ -122,7 +128,10 @@ mod tests {
         let f = d.join("table.json");
         std::fs::write(&f, sample()).unwrap_or_else(|e| panic!("{e}"));
         assert!(load(&f).is_ok());
-        let err = load(&d.join("nope.json")).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = load(&d.join("nope.json"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("cannot read"), "{err}");
         let _ = std::fs::remove_dir_all(&d);
     }

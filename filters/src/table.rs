@@ -5,7 +5,7 @@
 //! addresses resolved, every header value the hub stamps prebuilt.
 
 use http::{HeaderName, HeaderValue, Method};
-use multihub_protocol::headers::{RESERVED_PATH_PREFIX, OUTCOMES_PATH};
+use multihub_protocol::headers::{OUTCOMES_PATH, RESERVED_PATH_PREFIX};
 use multihub_protocol::ids::validate_hub_id;
 use multihub_protocol::routes::{Delivery, Order, Respond, RoutesFile, Select};
 use std::collections::{BTreeMap, HashMap};
@@ -207,10 +207,19 @@ fn resolve(c: &mut Collector, path: &str, u: &UpstreamUrl) -> Option<SocketAddr>
     }
 }
 
-fn upstream_url(c: &mut Collector, path: &str, raw: &str) -> Option<(UpstreamUrl, SocketAddr, HeaderValue)> {
+fn upstream_url(
+    c: &mut Collector,
+    path: &str,
+    raw: &str,
+) -> Option<(UpstreamUrl, SocketAddr, HeaderValue)> {
     match url::parse(raw) {
         Ok(u) if u.tls => {
-            c.push(path, format!("{raw:?}: https upstreams need a TLS-enabled build, which this release is not"));
+            c.push(
+                path,
+                format!(
+                    "{raw:?}: https upstreams need a TLS-enabled build, which this release is not"
+                ),
+            );
             None
         }
         Ok(u) => {
@@ -230,7 +239,11 @@ pub fn parse(bytes: &[u8]) -> Result<RoutesFile, ConfigError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let path = if path == "." { "$".to_string() } else { format!("$.{path}") };
+        let path = if path == "." {
+            "$".to_string()
+        } else {
+            format!("$.{path}")
+        };
         ConfigError::Invalid(vec![Problem {
             path,
             message: e.into_inner().to_string(),
@@ -240,7 +253,9 @@ pub fn parse(bytes: &[u8]) -> Result<RoutesFile, ConfigError> {
 
 /// Lowers a parsed file into a runtime table, collecting every problem.
 pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
-    let mut c = Collector { problems: Vec::new() };
+    let mut c = Collector {
+        problems: Vec::new(),
+    };
 
     if file.version.is_empty() {
         c.push("$.version", "must not be empty");
@@ -306,7 +321,9 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
             if u.timeout_ms == 0 || u.timeout_ms > 600_000 {
                 c.push(format!("{path}.timeout_ms"), "must be 1..=600000");
             }
-            let Some((url, addr, host_header)) = upstream_url(&mut c, &format!("{path}.url"), &u.url) else {
+            let Some((url, addr, host_header)) =
+                upstream_url(&mut c, &format!("{path}.url"), &u.url)
+            else {
                 continue;
             };
             let idx = upstreams.len();
@@ -339,7 +356,11 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
         if let Some((url, addr, host_header)) =
             upstream_url(&mut c, &format!("$.outcome_sinks[{i}]"), raw)
         {
-            outcome_sinks.push(Sink { url, addr, host_header });
+            outcome_sinks.push(Sink {
+                url,
+                addr,
+                host_header,
+            });
         }
     }
 
@@ -352,23 +373,35 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
             c.push(format!("{rp}.id"), format!("{:?} {e}", r.id));
         }
         if let Some(prev) = seen_ids.insert(r.id.as_str(), ri) {
-            c.push(format!("{rp}.id"), format!("duplicate route id {:?} (also routes[{prev}])", r.id));
+            c.push(
+                format!("{rp}.id"),
+                format!("duplicate route id {:?} (also routes[{prev}])", r.id),
+            );
         }
         let m = &r.matcher;
         if !m.path_prefix.starts_with('/') {
-            c.push(format!("{rp}.match.path_prefix"), format!("{:?} must start with /", m.path_prefix));
+            c.push(
+                format!("{rp}.match.path_prefix"),
+                format!("{:?} must start with /", m.path_prefix),
+            );
         }
         if m.path_prefix.starts_with(RESERVED_PATH_PREFIX) || m.path_prefix == "/_hub" {
             c.push(
                 format!("{rp}.match.path_prefix"),
-                format!("{:?} is under the reserved prefix {RESERVED_PATH_PREFIX}", m.path_prefix),
+                format!(
+                    "{:?} is under the reserved prefix {RESERVED_PATH_PREFIX}",
+                    m.path_prefix
+                ),
             );
         }
         let mut methods = Vec::new();
         for (mi, name) in m.methods.iter().enumerate() {
             match Method::from_bytes(name.as_bytes()) {
                 Ok(meth) if name.bytes().all(|b| b.is_ascii_uppercase()) => methods.push(meth),
-                _ => c.push(format!("{rp}.match.methods[{mi}]"), format!("{name:?} is not an upper-case HTTP method")),
+                _ => c.push(
+                    format!("{rp}.match.methods[{mi}]"),
+                    format!("{name:?} is not an upper-case HTTP method"),
+                ),
             }
         }
         let host = m.host.as_ref().map(|h| h.to_ascii_lowercase());
@@ -387,24 +420,32 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
         let mut targets = Vec::new();
         for (ti, t) in r.targets.iter().enumerate() {
             match provider_index.get(t.as_str()) {
-                Some(i) if targets.contains(i) => {
-                    c.push(format!("{rp}.targets[{ti}]"), format!("provider {t:?} listed twice"))
-                }
+                Some(i) if targets.contains(i) => c.push(
+                    format!("{rp}.targets[{ti}]"),
+                    format!("provider {t:?} listed twice"),
+                ),
                 Some(i) => targets.push(*i),
                 None if file.providers.contains_key(t) => {} // its URL problem is reported already
-                None => c.push(format!("{rp}.targets[{ti}]"), format!("unknown provider {t:?}")),
+                None => c.push(
+                    format!("{rp}.targets[{ti}]"),
+                    format!("unknown provider {t:?}"),
+                ),
             }
         }
         let mut relay = Vec::new();
         for (pi, p) in r.relay.iter().enumerate() {
             if *p == h.id {
-                c.push(format!("{rp}.relay[{pi}]"), "a hub must not relay to itself");
+                c.push(
+                    format!("{rp}.relay[{pi}]"),
+                    "a hub must not relay to itself",
+                );
                 continue;
             }
             match peer_index.get(p) {
-                Some(i) if relay.contains(i) => {
-                    c.push(format!("{rp}.relay[{pi}]"), format!("peer {p:?} listed twice"))
-                }
+                Some(i) if relay.contains(i) => c.push(
+                    format!("{rp}.relay[{pi}]"),
+                    format!("peer {p:?} listed twice"),
+                ),
                 Some(i) => relay.push(*i),
                 None if file.peers.contains_key(p) => {}
                 None => c.push(format!("{rp}.relay[{pi}]"), format!("unknown peer {p:?}")),
@@ -427,7 +468,10 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
             Select::Hash(name) => match HeaderName::from_bytes(name.as_bytes()) {
                 Ok(n) => Selection::Hash(n),
                 Err(_) => {
-                    c.push(format!("{rp}.select.hash"), format!("{name:?} is not a valid header name"));
+                    c.push(
+                        format!("{rp}.select.hash"),
+                        format!("{name:?} is not a valid header name"),
+                    );
                     Selection::All
                 }
             },
@@ -435,7 +479,10 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
         if r.respond != Respond::Accept {
             c.push(
                 format!("{rp}.respond"),
-                format!("{:?} is not implemented by this hub yet; use \"accept\"", r.respond),
+                format!(
+                    "{:?} is not implemented by this hub yet; use \"accept\"",
+                    r.respond
+                ),
             );
         }
         routes.push(Route {
@@ -458,7 +505,7 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
         return Err(ConfigError::Invalid(c.problems));
     }
     // Longest prefix first; stable sort keeps file order among equals.
-    routes.sort_by(|a, b| b.path_prefix.len().cmp(&a.path_prefix.len()));
+    routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
     Ok(RoutingTable {
         version: file.version.clone(),
         version_header,
@@ -513,7 +560,10 @@ pub(crate) mod tests {
         assert_eq!(t.version, "v1");
         assert_eq!(t.routes[0].id, "payments", "longest prefix first");
         assert_eq!(t.routes[0].targets.len(), 3);
-        assert_eq!(t.hub.outcome_url_header, "http://127.0.0.1:8080/_hub/outcomes");
+        assert_eq!(
+            t.hub.outcome_url_header,
+            "http://127.0.0.1:8080/_hub/outcomes"
+        );
         assert_eq!(t.upstreams[2].url.base_path, "/base");
     }
 
@@ -521,7 +571,10 @@ pub(crate) mod tests {
     fn every_problem_is_reported_with_its_path() {
         let doc = sample()
             .replace(r#""max_hops": 8"#, r#""max_hops": 0"#)
-            .replace(r#"["provider-a", "provider-b", "provider-c"]"#, r#"["provider-z"]"#)
+            .replace(
+                r#"["provider-a", "provider-b", "provider-c"]"#,
+                r#"["provider-z"]"#,
+            )
             .replace(r#""relay": ["hub-b"]"#, r#""relay": ["hub-q"]"#)
             .replace(r#""path_prefix": "/v1" }"#, r#""path_prefix": "/_hub/x" }"#)
             .replace("http://127.0.0.1:8081", "htp://x");
@@ -533,10 +586,17 @@ pub(crate) mod tests {
             "$.peers.hub-b.url: bad URL",
         ];
         for e in expect {
-            assert!(p.iter().any(|x| x.starts_with(e)), "missing {e:?} in {p:#?}");
+            assert!(
+                p.iter().any(|x| x.starts_with(e)),
+                "missing {e:?} in {p:#?}"
+            );
         }
         // hub-q is unknown; hub-b exists but has a bad URL and is reported there only.
-        assert!(p.iter().any(|x| x.starts_with("$.routes[0].relay[0]: unknown peer \"hub-q\"")), "{p:#?}");
+        assert!(
+            p.iter()
+                .any(|x| x.starts_with("$.routes[0].relay[0]: unknown peer \"hub-q\"")),
+            "{p:#?}"
+        );
     }
 
     #[test]
@@ -552,7 +612,10 @@ pub(crate) mod tests {
         let doc = sample()
             .replace(r#""id": "v1""#, r#""id": "payments""#)
             .replace(r#""hub-b": { "url""#, r#""hub-a": { "url""#)
-            .replace(r#""relay": ["hub-b"]"#, r#""relay": [], "select": {"count": 4}"#)
+            .replace(
+                r#""relay": ["hub-b"]"#,
+                r#""relay": [], "select": {"count": 4}"#,
+            )
             .replace(r#""targets": ["provider-a"],"#, r#""targets": [],"#);
         let p = problems(&doc);
         for e in [
@@ -561,7 +624,10 @@ pub(crate) mod tests {
             "$.routes[0].select.count: 4 is more than the 3 targets",
             "$.routes[1].targets: must name at least one provider",
         ] {
-            assert!(p.iter().any(|x| x.starts_with(e)), "missing {e:?} in {p:#?}");
+            assert!(
+                p.iter().any(|x| x.starts_with(e)),
+                "missing {e:?} in {p:#?}"
+            );
         }
     }
 }

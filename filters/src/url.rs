@@ -95,7 +95,10 @@ mod tests {
         assert_eq!(u.base_path, "");
         assert_eq!(u.authority(), "127.0.0.1:9101");
         let u = parse("https://example.org/outcomes/").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((u.tls, u.port, u.base_path.as_str()), (true, 443, "/outcomes"));
+        assert_eq!(
+            (u.tls, u.port, u.base_path.as_str()),
+            (true, 443, "/outcomes")
+        );
         assert_eq!(u.authority(), "example.org");
         let u = parse("http://[::1]:80/x").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((u.host.as_str(), u.port), ("::1", 80));

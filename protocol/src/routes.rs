@@ -177,8 +177,11 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_refused() {
-        let doc = r#"{"version":"v","hub":{"id":"h","advertise":"http://a","bogus":1},"routes":[]}"#;
-        let err = serde_json::from_str::<RoutesFile>(doc).err().map(|e| e.to_string());
+        let doc =
+            r#"{"version":"v","hub":{"id":"h","advertise":"http://a","bogus":1},"routes":[]}"#;
+        let err = serde_json::from_str::<RoutesFile>(doc)
+            .err()
+            .map(|e| e.to_string());
         assert!(err.unwrap_or_default().contains("bogus"));
     }
 }

@@ -65,8 +65,12 @@ impl fmt::Display for Failure {
             Failure::Timeout => f.write_str("no complete response within the timeout"),
             Failure::Status(s) => write!(f, "answered status {s}"),
             Failure::Broken(e) => write!(f, "exchange broken: {e}"),
-            Failure::Skipped => f.write_str("not attempted: an earlier target in the sequence did not acknowledge"),
-            Failure::InFlightFull => f.write_str("not attempted: the hub's in-flight delivery bound was reached"),
+            Failure::Skipped => {
+                f.write_str("not attempted: an earlier target in the sequence did not acknowledge")
+            }
+            Failure::InFlightFull => {
+                f.write_str("not attempted: the hub's in-flight delivery bound was reached")
+            }
         }
     }
 }
@@ -96,14 +100,25 @@ impl Deliverer {
     }
 
     /// Sends one request and reads the whole response. `Ok(status)` is always a 2xx.
-    pub async fn deliver(&self, peer: &HttpPeer, req: &RequestHeader, body: &[u8], timeout: Duration) -> Result<u16, Failure> {
+    pub async fn deliver(
+        &self,
+        peer: &HttpPeer,
+        req: &RequestHeader,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<u16, Failure> {
         match tokio::time::timeout(timeout, self.deliver_inner(peer, req, body)).await {
             Ok(r) => r,
             Err(_) => Err(Failure::Timeout),
         }
     }
 
-    async fn deliver_inner(&self, peer: &HttpPeer, req: &RequestHeader, body: &[u8]) -> Result<u16, Failure> {
+    async fn deliver_inner(
+        &self,
+        peer: &HttpPeer,
+        req: &RequestHeader,
+        body: &[u8],
+    ) -> Result<u16, Failure> {
         let (stream, reused) = self
             .transport
             .get_stream(peer)
@@ -119,10 +134,14 @@ impl Deliverer {
                     .map_err(|e| Failure::Refused(e.to_string()))?;
                 match self.exchange(stream, peer, req, body).await {
                     Ok(s) => s,
-                    Err(ExchangeError::BeforeResponse(e) | ExchangeError::After(e)) => return Err(Failure::Broken(e)),
+                    Err(ExchangeError::BeforeResponse(e) | ExchangeError::After(e)) => {
+                        return Err(Failure::Broken(e))
+                    }
                 }
             }
-            Err(ExchangeError::BeforeResponse(e) | ExchangeError::After(e)) => return Err(Failure::Broken(e)),
+            Err(ExchangeError::BeforeResponse(e) | ExchangeError::After(e)) => {
+                return Err(Failure::Broken(e))
+            }
         };
         if (200..300).contains(&status) {
             Ok(status)
@@ -131,10 +150,18 @@ impl Deliverer {
         }
     }
 
-    async fn exchange(&self, stream: Stream, peer: &HttpPeer, req: &RequestHeader, body: &[u8]) -> Result<u16, ExchangeError> {
+    async fn exchange(
+        &self,
+        stream: Stream,
+        peer: &HttpPeer,
+        req: &RequestHeader,
+        body: &[u8],
+    ) -> Result<u16, ExchangeError> {
         let before = |e: pingora_error::BError| ExchangeError::BeforeResponse(e.to_string());
         let mut s = HttpSession::new_with_options(stream, peer);
-        s.write_request_header(Box::new(req.clone())).await.map_err(before)?;
+        s.write_request_header(Box::new(req.clone()))
+            .await
+            .map_err(before)?;
         if !body.is_empty() {
             s.write_body(body).await.map_err(before)?;
         }
@@ -151,7 +178,8 @@ impl Deliverer {
         }
         s.respect_keepalive();
         if let Some(stream) = s.reuse().await {
-            self.transport.release_stream(stream, peer.reuse_hash(), Some(IDLE_TIMEOUT));
+            self.transport
+                .release_stream(stream, peer.reuse_hash(), Some(IDLE_TIMEOUT));
         }
         Ok(status)
     }

@@ -7,8 +7,8 @@ use http::HeaderValue;
 use multihub_filters::forward::{connection_tokens, hub_headers, is_forwarded};
 use multihub_filters::relay::Suppressed;
 use multihub_filters::{plan, Plan, Reject, RequestView, Upstream};
-use multihub_protocol::headers::{HUB_ROUTE_VERSION, REQUEST_ID};
 use multihub_protocol::hashing::{binding_hex, repr_of};
+use multihub_protocol::headers::{HUB_ROUTE_VERSION, REQUEST_ID};
 use multihub_protocol::routes::{Delivery, Order};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
@@ -73,7 +73,12 @@ impl Hub {
     }
 
     /// Writes a complete response. `body` is JSON when present.
-    async fn respond(session: &mut Session, ctx: &mut Ctx, status: u16, body: Option<Vec<u8>>) -> Result<()> {
+    async fn respond(
+        session: &mut Session,
+        ctx: &mut Ctx,
+        status: u16,
+        body: Option<Vec<u8>>,
+    ) -> Result<()> {
         let mut resp = ResponseHeader::build(status, Some(5))?;
         if let Some(id) = &ctx.request_id {
             resp.insert_header(REQUEST_ID, id.clone())?;
@@ -88,10 +93,15 @@ impl Hub {
                 session.write_response_header(Box::new(resp), true).await
             }
             Some(b) => {
-                resp.insert_header(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"))?;
+                resp.insert_header(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )?;
                 resp.insert_header(http::header::CONTENT_LENGTH, HeaderValue::from(b.len()))?;
                 session.write_response_header(Box::new(resp), false).await?;
-                session.write_response_body(Some(Bytes::from(b)), true).await
+                session
+                    .write_response_body(Some(Bytes::from(b)), true)
+                    .await
             }
         }
     }
@@ -103,7 +113,11 @@ impl Hub {
     /// Reads the whole request body, enforcing the cap: a declared Content-Length over the cap
     /// is refused before reading; a chunked body as soon as it exceeds it.
     async fn read_body(session: &mut Session, max: u64) -> std::result::Result<Bytes, BodyError> {
-        let declared = match session.req_header().headers.get(http::header::CONTENT_LENGTH) {
+        let declared = match session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+        {
             Some(v) => match v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
                 Some(n) => Some(n),
                 None => return Err(BodyError::Bad("content-length is not a number".into())),
@@ -116,10 +130,14 @@ impl Hub {
             }
         }
         if expects_continue(session.req_header()) {
+            // Pingora turns keep-alive off when any header (even a 100) is written before the
+            // body is read; the body will be read in full, so restore it.
+            let keepalive = session.get_keepalive();
             session
                 .write_continue_response()
                 .await
                 .map_err(|e| BodyError::Bad(e.to_string()))?;
+            session.set_keepalive(keepalive);
         }
         let mut first: Option<Bytes> = None;
         let mut rest: Option<BytesMut> = None;
@@ -154,9 +172,18 @@ impl Hub {
 
     /// The head sent to every upstream, minus `Host`: requester headers that may be forwarded,
     /// then the hub headers of DESIGN §3.
-    fn base_header(req: &RequestHeader, t: &HubTable, plan: &Plan, body: &Bytes) -> Result<RequestHeader> {
+    fn base_header(
+        req: &RequestHeader,
+        t: &HubTable,
+        plan: &Plan,
+        body: &Bytes,
+    ) -> Result<RequestHeader> {
         let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let mut out = RequestHeader::build(req.method.clone(), path.as_bytes(), Some(req.headers.len() + 12))?;
+        let mut out = RequestHeader::build(
+            req.method.clone(),
+            path.as_bytes(),
+            Some(req.headers.len() + 12),
+        )?;
         let conn = connection_tokens(&req.headers);
         for (name, value) in req.headers.iter() {
             if is_forwarded(name, &conn) {
@@ -165,8 +192,10 @@ impl Hub {
         }
         let repr = repr_of(body);
         let binding = binding_hex(repr.as_str(), plan.inbound.context.as_bytes());
-        let repr = HeaderValue::from_str(repr.as_str()).map_err(|_| Error::new(ErrorType::InternalError))?;
-        let binding = HeaderValue::from_str(&binding).map_err(|_| Error::new(ErrorType::InternalError))?;
+        let repr = HeaderValue::from_str(repr.as_str())
+            .map_err(|_| Error::new(ErrorType::InternalError))?;
+        let binding =
+            HeaderValue::from_str(&binding).map_err(|_| Error::new(ErrorType::InternalError))?;
         for (name, value) in hub_headers(&t.table, plan, repr, binding) {
             out.insert_header(name, value)?;
         }
@@ -193,91 +222,103 @@ fn head_for(base: &RequestHeader, up: &Upstream) -> Result<Box<RequestHeader>> {
         let mut s = String::with_capacity(up.url.base_path.len() + pq.len());
         s.push_str(&up.url.base_path);
         s.push_str(pq);
-        let uri = s.parse::<http::Uri>().map_err(|_| Error::new(ErrorType::InternalError))?;
+        let uri = s
+            .parse::<http::Uri>()
+            .map_err(|_| Error::new(ErrorType::InternalError))?;
         h.set_uri(uri);
     }
     Ok(h)
 }
 
-/// Delivers to one upstream under the in-flight bound. `wait`: confirmed deliveries wait for a
-/// permit (up to the upstream's timeout); async ones never wait: no permit = dropped and counted.
-/// `retries`: extra attempts on retryable failures, with doubling backoff.
-async fn deliver_one(engine: &Engine, t: &HubTable, i: usize, base: &RequestHeader, body: &Bytes, wait: bool, retries: u32) -> Outcome {
-    let (Some(up), Some(peer)) = (t.table.upstream(i), t.peers.get(i)) else {
-        return (i, Err(Failure::Broken("unknown upstream".into())));
-    };
-    let permit = if wait {
-        match tokio::time::timeout(up.timeout, engine.in_flight.acquire()).await {
-            Ok(Ok(p)) => p,
-            _ => return (i, Err(Failure::InFlightFull)),
-        }
-    } else {
-        match engine.in_flight.try_acquire() {
-            Ok(p) => p,
-            Err(_) => {
-                Stats::add(&engine.stats.dropped_in_flight_full);
-                return (i, Err(Failure::InFlightFull));
-            }
-        }
-    };
-    let head = match head_for(base, up) {
-        Ok(h) => h,
-        Err(e) => return (i, Err(Failure::Broken(e.to_string()))),
-    };
-    let mut backoff = t.table.hub.retry_backoff;
-    let mut attempt = 0;
-    let result = loop {
-        let r = attempt_once(engine, peer, &head, body, up).await;
-        t.mark(i, !matches!(&r, Err(f) if f.unreachable()));
-        match r {
-            Err(f) if f.retryable() && attempt < retries => {
-                attempt += 1;
-                tokio::time::sleep(backoff).await;
-                backoff = backoff.saturating_mul(2);
-            }
-            other => break other,
-        }
-    };
-    drop(permit);
-    match &result {
-        Ok(_) => Stats::add(&engine.stats.deliveries_ok),
-        Err(_) => {
-            Stats::add(&engine.stats.deliveries_failed);
-            if retries > 0 {
-                Stats::add(&engine.stats.dropped_retries_exhausted);
-            }
-        }
-    }
-    (i, result)
+/// One request's deliveries: everything but the upstream index.
+pub(crate) struct Job<'a> {
+    pub engine: &'a Engine,
+    pub t: &'a HubTable,
+    pub base: &'a RequestHeader,
+    pub body: &'a Bytes,
+    /// Confirmed deliveries wait for an in-flight permit (up to the upstream's timeout); async
+    /// ones never wait: no permit = dropped and counted.
+    pub wait: bool,
+    /// Extra attempts on retryable failures, with doubling backoff.
+    pub retries: u32,
 }
 
-async fn attempt_once(engine: &Engine, peer: &HttpPeer, head: &RequestHeader, body: &Bytes, up: &Upstream) -> Result<u16, Failure> {
-    engine
-        .deliverer
-        .deliver(peer, head, body, up.timeout)
-        .await
-}
-
-/// Delivers to every upstream of the plan (targets, then relays), in parallel or in sequence.
-async fn deliver_all(engine: &Engine, t: &HubTable, order: Order, list: &[usize], base: &RequestHeader, body: &Bytes, wait: bool, retries: u32) -> Vec<Outcome> {
-    match order {
-        Order::Parallel => {
-            futures::future::join_all(list.iter().map(|&i| deliver_one(engine, t, i, base, body, wait, retries))).await
-        }
-        Order::Sequential => {
-            let mut out = Vec::with_capacity(list.len());
-            let mut broken = false;
-            for &i in list {
-                if broken {
-                    Stats::add(&engine.stats.dropped_skipped);
-                    out.push((i, Err(Failure::Skipped)));
-                    continue;
+impl Job<'_> {
+    /// Delivers to upstream `i` under the in-flight bound.
+    async fn deliver_one(&self, i: usize) -> Outcome {
+        let (engine, t) = (self.engine, self.t);
+        let (Some(up), Some(peer)) = (t.table.upstream(i), t.peers.get(i)) else {
+            return (i, Err(Failure::Broken("unknown upstream".into())));
+        };
+        let permit = if self.wait {
+            match tokio::time::timeout(up.timeout, engine.in_flight.acquire()).await {
+                Ok(Ok(p)) => p,
+                _ => return (i, Err(Failure::InFlightFull)),
+            }
+        } else {
+            match engine.in_flight.try_acquire() {
+                Ok(p) => p,
+                Err(_) => {
+                    Stats::add(&engine.stats.dropped_in_flight_full);
+                    return (i, Err(Failure::InFlightFull));
                 }
-                let o = deliver_one(engine, t, i, base, body, wait, retries).await;
-                broken = o.1.is_err();
-                out.push(o);
             }
-            out
+        };
+        let head = match head_for(self.base, up) {
+            Ok(h) => h,
+            Err(e) => return (i, Err(Failure::Broken(e.to_string()))),
+        };
+        let mut backoff = t.table.hub.retry_backoff;
+        let mut attempt = 0;
+        let result = loop {
+            let r = engine
+                .deliverer
+                .deliver(peer, &head, self.body, up.timeout)
+                .await;
+            t.mark(i, !matches!(&r, Err(f) if f.unreachable()));
+            match r {
+                Err(f) if f.retryable() && attempt < self.retries => {
+                    attempt += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff = backoff.saturating_mul(2);
+                }
+                other => break other,
+            }
+        };
+        drop(permit);
+        match &result {
+            Ok(_) => Stats::add(&engine.stats.deliveries_ok),
+            Err(_) => {
+                Stats::add(&engine.stats.deliveries_failed);
+                if self.retries > 0 {
+                    Stats::add(&engine.stats.dropped_retries_exhausted);
+                }
+            }
+        }
+        (i, result)
+    }
+
+    /// Delivers to every upstream in `list` (targets, then relays), in parallel or in sequence.
+    async fn deliver_all(&self, order: Order, list: &[usize]) -> Vec<Outcome> {
+        match order {
+            Order::Parallel => {
+                futures::future::join_all(list.iter().map(|&i| self.deliver_one(i))).await
+            }
+            Order::Sequential => {
+                let mut out = Vec::with_capacity(list.len());
+                let mut broken = false;
+                for &i in list {
+                    if broken {
+                        Stats::add(&self.engine.stats.dropped_skipped);
+                        out.push((i, Err(Failure::Skipped)));
+                        continue;
+                    }
+                    let o = self.deliver_one(i).await;
+                    broken = o.1.is_err();
+                    out.push(o);
+                }
+                out
+            }
         }
     }
 }
@@ -340,7 +381,14 @@ impl ProxyHttp for Hub {
             Ok(b) => b,
             Err(BodyError::TooLarge(n)) => {
                 session.set_keepalive(None);
-                let r = Reject::new(413, "body_too_large", format!("body of {n} bytes exceeds max_body_bytes {}", t.table.hub.max_body_bytes));
+                let r = Reject::new(
+                    413,
+                    "body_too_large",
+                    format!(
+                        "body of {n} bytes exceeds max_body_bytes {}",
+                        t.table.hub.max_body_bytes
+                    ),
+                );
                 Self::reject(session, ctx, r).await?;
                 return Ok(true);
             }
@@ -364,7 +412,15 @@ impl ProxyHttp for Hub {
                 let retries = t.table.hub.async_retries;
                 ctx.delivered = list.len() as u16;
                 tokio::spawn(async move {
-                    let out = deliver_all(&engine, &tt, order, &list, &base, &body, false, retries).await;
+                    let job = Job {
+                        engine: &engine,
+                        t: &tt,
+                        base: &base,
+                        body: &body,
+                        wait: false,
+                        retries,
+                    };
+                    let out = job.deliver_all(order, &list).await;
                     for (i, r) in out {
                         if let Err(f) = r {
                             let id = tt.table.upstream(i).map(|u| u.id.as_str()).unwrap_or("?");
@@ -375,7 +431,15 @@ impl ProxyHttp for Hub {
                 Self::respond(session, ctx, 204, None).await?;
             }
             Delivery::Confirmed => {
-                let out = deliver_all(&self.engine, &t, route.order, &list, &base, &body, true, 0).await;
+                let job = Job {
+                    engine: &self.engine,
+                    t: &t,
+                    base: &base,
+                    body: &body,
+                    wait: true,
+                    retries: 0,
+                };
+                let out = job.deliver_all(route.order, &list).await;
                 let failed: Vec<&Outcome> = out.iter().filter(|o| o.1.is_err()).collect();
                 ctx.delivered = (out.len() - failed.len()) as u16;
                 ctx.failed = failed.len() as u16;
@@ -402,7 +466,12 @@ impl ProxyHttp for Hub {
                     let names: Vec<&str> = undelivered.iter().map(|u| u.target).collect();
                     let body = UndeliveredBody {
                         error: "undelivered",
-                        detail: format!("{} of {} deliveries failed: {}", failed.len(), out.len(), names.join(", ")),
+                        detail: format!(
+                            "{} of {} deliveries failed: {}",
+                            failed.len(),
+                            out.len(),
+                            names.join(", ")
+                        ),
                         request_id: plan.inbound.request_id.to_str().unwrap_or(""),
                         route_version: &t.table.version,
                         undelivered,
@@ -417,22 +486,36 @@ impl ProxyHttp for Hub {
 
     /// Never reached: `request_filter` answers every request.
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        Error::e_explain(ErrorType::InternalError, "the hub answers every request in request_filter")
+        Error::e_explain(
+            ErrorType::InternalError,
+            "the hub answers every request in request_filter",
+        )
     }
 
     /// Runs last for every request, answered or failed.
-    async fn logging(&self, session: &mut Session, e: Option<&pingora_error::Error>, ctx: &mut Ctx) {
+    async fn logging(
+        &self,
+        session: &mut Session,
+        e: Option<&pingora_error::Error>,
+        ctx: &mut Ctx,
+    ) {
         let status = if ctx.status != 0 {
             ctx.status
         } else {
-            session.response_written().map(|r| r.status.as_u16()).unwrap_or(0)
+            session
+                .response_written()
+                .map(|r| r.status.as_u16())
+                .unwrap_or(0)
         };
         if let Some(e) = e {
             log::debug!("request failed: {e}");
         }
         log::debug!(
             "request_id={} route={} status={} delivered={} failed={} duration_us={}",
-            ctx.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            ctx.request_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-"),
             ctx.route
                 .and_then(|r| ctx.table.as_ref().map(|t| t.table.routes[r].id.as_str()))
                 .unwrap_or("-"),

@@ -17,7 +17,13 @@ use crate::HubError;
 /// Writes the summary `--validate` prints for a valid table: the version, then one line per route.
 pub fn describe(loaded: &Loaded, out: &mut impl Write) -> std::io::Result<()> {
     let t = &loaded.table;
-    writeln!(out, "ok: version {} ({}, sha256 {})", t.version, loaded.file.display(), loaded.sha256)?;
+    writeln!(
+        out,
+        "ok: version {} ({}, sha256 {})",
+        t.version,
+        loaded.file.display(),
+        loaded.sha256
+    )?;
     for r in &t.routes {
         let names = |ids: &[usize]| {
             ids.iter()
@@ -28,7 +34,11 @@ pub fn describe(loaded: &Loaded, out: &mut impl Write) -> std::io::Result<()> {
         let methods = if r.methods.is_empty() {
             "*".to_string()
         } else {
-            r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
+            r.methods
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
         };
         writeln!(
             out,

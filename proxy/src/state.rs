@@ -67,7 +67,11 @@ impl HubTable {
 
     pub fn mark(&self, i: usize, reachable: bool) {
         if let Some(d) = self.down_until.get(i) {
-            let v = if reachable { 0 } else { self.now_ms() + DOWN_FOR.as_millis() as u64 };
+            let v = if reachable {
+                0
+            } else {
+                self.now_ms() + DOWN_FOR.as_millis() as u64
+            };
             d.store(v, Ordering::Relaxed);
         }
     }

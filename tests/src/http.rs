@@ -34,7 +34,10 @@ impl Message {
 
 /// Reads one message head (and, when `with_body`, its body by Content-Length or chunked).
 /// `Ok(None)` on a clean EOF before any byte.
-pub async fn read_message(r: &mut BufReader<OwnedReadHalf>, with_body: bool) -> io::Result<Option<Message>> {
+pub async fn read_message(
+    r: &mut BufReader<OwnedReadHalf>,
+    with_body: bool,
+) -> io::Result<Option<Message>> {
     let mut start = String::new();
     if r.read_line(&mut start).await? == 0 {
         return Ok(None);
@@ -54,11 +57,17 @@ pub async fn read_message(r: &mut BufReader<OwnedReadHalf>, with_body: bool) -> 
             headers.push((k.trim().to_string(), v.trim().to_string()));
         }
     }
-    let mut m = Message { start, headers, body: Vec::new() };
+    let mut m = Message {
+        start,
+        headers,
+        body: Vec::new(),
+    };
     if !with_body {
         return Ok(Some(m));
     }
-    if m.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+    if m.header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
         loop {
             let mut size = String::new();
             r.read_line(&mut size).await?;
@@ -73,7 +82,10 @@ pub async fn read_message(r: &mut BufReader<OwnedReadHalf>, with_body: bool) -> 
             r.read_exact(&mut buf).await?;
             m.body.extend_from_slice(&buf[..n]);
         }
-    } else if let Some(n) = m.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+    } else if let Some(n) = m
+        .header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         let mut buf = vec![0; n];
         r.read_exact(&mut buf).await?;
         m.body = buf;
@@ -111,7 +123,10 @@ impl Conn {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
         let (r, w) = s.into_split();
-        Ok(Conn { r: BufReader::new(r), w })
+        Ok(Conn {
+            r: BufReader::new(r),
+            w,
+        })
     }
 
     /// Writes raw bytes.
@@ -125,14 +140,21 @@ impl Conn {
             let m = read_message(&mut self.r, false)
                 .await?
                 .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"))?;
-            let status: u16 = m.start.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let status: u16 = m
+                .start
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
             if (100..200).contains(&status) {
                 continue;
             }
             // Re-read the body now that we know it is a final response.
             let mut m = m;
             if status != 204 && status != 304 {
-                if m.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+                if m.header("transfer-encoding")
+                    .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+                {
                     loop {
                         let mut size = String::new();
                         self.r.read_line(&mut size).await?;
@@ -146,7 +168,10 @@ impl Conn {
                         self.r.read_exact(&mut buf).await?;
                         m.body.extend_from_slice(&buf[..n]);
                     }
-                } else if let Some(n) = m.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+                } else if let Some(n) = m
+                    .header("content-length")
+                    .and_then(|v| v.parse::<usize>().ok())
+                {
                     let mut buf = vec![0; n];
                     self.r.read_exact(&mut buf).await?;
                     m.body = buf;
@@ -164,8 +189,17 @@ impl Conn {
     }
 
     /// Sends a request with a Content-Length body and reads the response.
-    pub async fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<Response> {
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n", body.len());
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> io::Result<Response> {
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n",
+            body.len()
+        );
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -184,6 +218,15 @@ impl Conn {
 }
 
 /// One request on a fresh connection.
-pub async fn request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<Response> {
-    Conn::open(addr).await?.request(method, path, headers, body).await
+pub async fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> io::Result<Response> {
+    Conn::open(addr)
+        .await?
+        .request(method, path, headers, body)
+        .await
 }

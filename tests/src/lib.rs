@@ -6,7 +6,7 @@ pub mod procs;
 pub mod recorder;
 
 pub use http::{Conn, Response};
-pub use procs::{bin_path, free_port, HubProc, TempDir};
+pub use procs::{bin_path, free_port, run_bin, workspace_root, HubProc, TempDir};
 pub use recorder::{Behaviour, Recorded, Recorder};
 
 use std::time::{Duration, Instant};

@@ -41,7 +41,10 @@ impl Recorded {
             .map(|(_, v)| v.as_str())
     }
     pub fn header_count(&self, name: &str) -> usize {
-        self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).count()
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .count()
     }
 }
 
@@ -62,7 +65,9 @@ pub struct Recorder {
 
 impl Recorder {
     pub async fn start(behaviour: Behaviour) -> Recorder {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("bind: {e}"));
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
         let (gate, _) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -84,14 +89,21 @@ impl Recorder {
                         let mut parts = m.start.split(' ');
                         let method = parts.next().unwrap_or("").to_string();
                         let path = parts.next().unwrap_or("").to_string();
-                        s.log.lock().unwrap_or_else(|e| e.into_inner()).push(Recorded {
-                            method,
-                            path,
-                            headers: m.headers,
-                            body: m.body,
-                            conn,
-                        });
-                        let b = s.behaviour.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        s.log
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(Recorded {
+                                method,
+                                path,
+                                headers: m.headers,
+                                body: m.body,
+                                conn,
+                            });
+                        let b = s
+                            .behaviour
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .clone();
                         let (status, body) = match b {
                             Behaviour::Status(st) => (st, Vec::new()),
                             Behaviour::Body(st, body) => (st, body),
@@ -104,8 +116,13 @@ impl Recorder {
                                 (200, Vec::new())
                             }
                         };
-                        let head = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n", body.len());
-                        if w.write_all(head.as_bytes()).await.is_err() || w.write_all(&body).await.is_err() {
+                        let head = format!(
+                            "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n",
+                            body.len()
+                        );
+                        if w.write_all(head.as_bytes()).await.is_err()
+                            || w.write_all(&body).await.is_err()
+                        {
                             return;
                         }
                         s.answered.fetch_add(1, Ordering::SeqCst);
@@ -122,7 +139,11 @@ impl Recorder {
     }
 
     pub fn set(&self, b: Behaviour) {
-        *self.shared.behaviour.lock().unwrap_or_else(|e| e.into_inner()) = b;
+        *self
+            .shared
+            .behaviour
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = b;
     }
 
     /// Opens the gate for `Behaviour::Gated` requests (held ones are answered).
@@ -132,11 +153,19 @@ impl Recorder {
 
     /// Everything received so far.
     pub fn requests(&self) -> Vec<Recorded> {
-        self.shared.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.shared
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn count(&self) -> usize {
-        self.shared.log.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.shared
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// TCP connections accepted so far.

@@ -1,0 +1,184 @@
+//! Starting the real binaries as child processes.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let p =
+            std::env::temp_dir().join(format!("multihub-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    /// Writes a file below the directory and returns its path.
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.0.join(name);
+        if let Some(d) = p.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        std::fs::write(&p, contents).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The workspace's target directory (this test binary lives in `<target>/<profile>/deps/`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| panic!("unexpected test binary location {}", exe.display()))
+}
+
+/// Path of a workspace binary, building it first when it is missing.
+pub fn bin_path(name: &str) -> PathBuf {
+    let p = profile_dir().join(name);
+    if !p.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = Command::new(cargo)
+            .args(["build", "--bin", name])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok && p.exists(),
+            "cannot build {name}; run `cargo build --workspace --bins` first"
+        );
+    }
+    p
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// The workspace root (for `conf/`).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// A running `multihub-hub`; killed on drop.
+pub struct HubProc {
+    child: Child,
+    pub addr: String,
+    pub port: u16,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl HubProc {
+    /// Starts a hub on `port` with `--routes routes` plus `extra` arguments and waits until it
+    /// accepts connections (deadline 60 s).
+    pub async fn start_on(port: u16, routes: &Path, extra: &[&str]) -> HubProc {
+        let dir = TempDir::new("hub");
+        let log = dir.path().join("hub.log");
+        let out = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+        let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
+        let addr = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new(bin_path("multihub-hub"));
+        cmd.arg("--routes")
+            .arg(routes)
+            .args(["--listen", &addr])
+            .args(extra)
+            .env("MULTIHUB_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn multihub-hub: {e}"));
+        let mut hub = HubProc {
+            child,
+            addr,
+            port,
+            log,
+            _dir: dir,
+        };
+        hub.wait_ready().await;
+        hub
+    }
+
+    /// Starts a hub on a fresh port.
+    pub async fn start(routes: &Path, extra: &[&str]) -> HubProc {
+        Self::start_on(free_port(), routes, extra).await
+    }
+
+    async fn wait_ready(&mut self) {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("multihub-hub exited early ({st}):\n{}", self.logs());
+            }
+            if tokio::net::TcpStream::connect(&self.addr).await.is_ok() {
+                return;
+            }
+            if Instant::now() > end {
+                panic!(
+                    "multihub-hub not ready on {} in time:\n{}",
+                    self.addr,
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Everything the hub wrote so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// True while the process runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for HubProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a binary to completion and returns (exit code, stdout, stderr).
+pub fn run_bin(name: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin_path(name))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {name}: {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
