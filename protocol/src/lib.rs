@@ -7,6 +7,7 @@ pub mod hashing;
 pub mod headers;
 pub mod ids;
 pub mod routes;
+pub mod signal;
 
 pub use hashing::{binding_hex, repr_of, Repr};
 pub use ids::{generate_request_id, validate_hub_id, validate_request_id, IdError};

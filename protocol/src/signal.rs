@@ -1,0 +1,321 @@
+//! Boundary signals (DESIGN §6): the signed START / COMPLETE records a provider sends to the
+//! association, their canonical (RFC 8785) encoding, signing and verification, and the linkage.
+//!
+//! A signal travels as its own canonical bytes, `sig` included; the signature covers the
+//! canonical bytes of the same object without `sig`. Anyone holding the bytes can re-verify.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::hashing::{hex_into, operation_hex};
+
+/// Signal format version.
+pub const SIGNAL_VERSION: u32 = 1;
+
+/// Boundary stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Stage {
+    #[serde(rename = "START")]
+    Start,
+    #[serde(rename = "COMPLETE")]
+    Complete,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Start => "START",
+            Stage::Complete => "COMPLETE",
+        }
+    }
+}
+
+/// Why a signal was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SignalError {
+    #[error("malformed signal: {0}")]
+    Malformed(String),
+    #[error("signal bytes are not RFC 8785 canonical JSON")]
+    NonCanonical,
+    #[error("unsupported signal version {0}")]
+    Version(u32),
+    #[error("operation does not equal sha256(\"multihub-op-v1\\n\" + request_id + \"\\n\" + request_repr)")]
+    Operation,
+    #[error("key_id does not match the verifying key")]
+    KeyId,
+    #[error("signature is not valid base64url of 64 bytes")]
+    SignatureEncoding,
+    #[error("signature does not verify")]
+    BadSignature,
+}
+
+/// A boundary signal. Field order here is irrelevant: the wire form is canonical JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Signal {
+    pub v: u32,
+    pub operation: String,
+    pub request_id: String,
+    pub request_repr: String,
+    pub provider: String,
+    pub stage: Stage,
+    pub boundary: String,
+    pub key_id: String,
+    pub sig: String,
+}
+
+/// The signed part: the signal without `sig`.
+#[derive(Serialize)]
+struct Unsigned<'a> {
+    v: u32,
+    operation: &'a str,
+    request_id: &'a str,
+    request_repr: &'a str,
+    provider: &'a str,
+    stage: Stage,
+    boundary: &'a str,
+    key_id: &'a str,
+}
+
+fn canonical<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing plain strings and integers cannot fail.
+    serde_json_canonicalizer::to_vec(v).unwrap_or_default()
+}
+
+/// `key_id`: hex sha256 of the 32 public-key bytes.
+pub fn key_id(key: &VerifyingKey) -> String {
+    let mut s = String::with_capacity(64);
+    hex_into(&mut s, &Sha256::digest(key.as_bytes()));
+    s
+}
+
+impl Signal {
+    /// Builds and signs a signal; `operation` is computed from `request_id` and `request_repr`.
+    pub fn signed(
+        request_id: &str,
+        request_repr: &str,
+        provider: &str,
+        stage: Stage,
+        boundary: &str,
+        key: &SigningKey,
+    ) -> Signal {
+        let mut s = Signal {
+            v: SIGNAL_VERSION,
+            operation: operation_hex(request_id, request_repr),
+            request_id: request_id.to_string(),
+            request_repr: request_repr.to_string(),
+            provider: provider.to_string(),
+            stage,
+            boundary: boundary.to_string(),
+            key_id: key_id(&key.verifying_key()),
+            sig: String::new(),
+        };
+        let sig = key.sign(&s.signing_bytes());
+        s.sig = URL_SAFE_NO_PAD.encode(sig.to_bytes());
+        s
+    }
+
+    /// The bytes the signature covers: RFC 8785 JSON of the signal without `sig`.
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        canonical(&Unsigned {
+            v: self.v,
+            operation: &self.operation,
+            request_id: &self.request_id,
+            request_repr: &self.request_repr,
+            provider: &self.provider,
+            stage: self.stage,
+            boundary: &self.boundary,
+            key_id: &self.key_id,
+        })
+    }
+
+    /// The wire form: RFC 8785 JSON of the whole signal.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        canonical(self)
+    }
+
+    /// Parses wire bytes, refusing unknown fields and anything that is not canonical.
+    pub fn parse(bytes: &[u8]) -> Result<Signal, SignalError> {
+        let s: Signal =
+            serde_json::from_slice(bytes).map_err(|e| SignalError::Malformed(e.to_string()))?;
+        if s.to_bytes() != bytes {
+            return Err(SignalError::NonCanonical);
+        }
+        if s.v != SIGNAL_VERSION {
+            return Err(SignalError::Version(s.v));
+        }
+        Ok(s)
+    }
+
+    /// Checks the operation formula, the key id and the signature (`verify_strict`).
+    pub fn verify(&self, key: &VerifyingKey) -> Result<(), SignalError> {
+        if self.operation != operation_hex(&self.request_id, &self.request_repr) {
+            return Err(SignalError::Operation);
+        }
+        if self.key_id != key_id(key) {
+            return Err(SignalError::KeyId);
+        }
+        let raw = URL_SAFE_NO_PAD
+            .decode(self.sig.as_bytes())
+            .map_err(|_| SignalError::SignatureEncoding)?;
+        let sig = Signature::from_slice(&raw).map_err(|_| SignalError::SignatureEncoding)?;
+        key.verify_strict(&self.signing_bytes(), &sig)
+            .map_err(|_| SignalError::BadSignature)
+    }
+}
+
+/// DESIGN §6 linkage: hex sha256 over, for each (provider, stage) in sorted order,
+/// `provider 0x00 stage 0x00 sha256(signal bytes) 0x0A`. Order of the input does not matter.
+pub fn linkage<'a>(signals: impl IntoIterator<Item = (&'a str, Stage, &'a [u8])>) -> String {
+    let mut v: Vec<(&str, &str, &[u8])> = signals
+        .into_iter()
+        .map(|(p, s, b)| (p, s.as_str(), b))
+        .collect();
+    v.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let mut h = Sha256::new();
+    for (provider, stage, bytes) in v {
+        h.update(provider.as_bytes());
+        h.update([0u8]);
+        h.update(stage.as_bytes());
+        h.update([0u8]);
+        h.update(Sha256::digest(bytes));
+        h.update([b'\n']);
+    }
+    let mut s = String::with_capacity(64);
+    hex_into(&mut s, &h.finalize());
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hashing::repr_of;
+
+    fn key(n: u8) -> SigningKey {
+        SigningKey::from_bytes(&[n; 32])
+    }
+
+    fn sample() -> Signal {
+        Signal::signed(
+            "req-1",
+            repr_of(b"{}").as_str(),
+            "provider-a",
+            Stage::Start,
+            "b0",
+            &key(1),
+        )
+    }
+
+    #[test]
+    fn round_trip_and_verify() {
+        let s = sample();
+        let bytes = s.to_bytes();
+        let back = Signal::parse(&bytes).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, s);
+        assert_eq!(back.verify(&key(1).verifying_key()), Ok(()));
+        // Keys of the canonical form are sorted.
+        let text = String::from_utf8(bytes).unwrap_or_default();
+        assert!(text.starts_with(r#"{"boundary":"b0","key_id":"#), "{text}");
+    }
+
+    #[test]
+    fn tampering_is_detected() {
+        let vk = key(1).verifying_key();
+        let mut s = sample();
+        s.boundary = "b1".into();
+        assert_eq!(s.verify(&vk), Err(SignalError::BadSignature));
+        let mut s = sample();
+        s.request_id = "req-2".into();
+        assert_eq!(s.verify(&vk), Err(SignalError::Operation));
+        let s = sample();
+        assert_eq!(s.verify(&key(2).verifying_key()), Err(SignalError::KeyId));
+        // Another provider's valid signature under this key id: refused.
+        let mut other = Signal::signed(
+            "req-1",
+            &s.request_repr,
+            "provider-a",
+            Stage::Start,
+            "b0",
+            &key(2),
+        );
+        other.key_id = s.key_id.clone();
+        assert_eq!(other.verify(&vk), Err(SignalError::BadSignature));
+        let mut s = sample();
+        s.sig = "!!".into();
+        assert_eq!(s.verify(&vk), Err(SignalError::SignatureEncoding));
+    }
+
+    #[test]
+    fn non_canonical_and_unknown_fields_are_refused() {
+        let bytes = sample().to_bytes();
+        let mut spaced = b" ".to_vec();
+        spaced.extend_from_slice(&bytes);
+        assert_eq!(Signal::parse(&spaced), Err(SignalError::NonCanonical));
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let pretty = serde_json::to_vec_pretty(&v).unwrap_or_default();
+        assert_eq!(Signal::parse(&pretty), Err(SignalError::NonCanonical));
+        let mut extra = v.clone();
+        extra["x"] = serde_json::json!(1);
+        let extra = serde_json_canonicalizer::to_vec(&extra).unwrap_or_default();
+        assert!(matches!(
+            Signal::parse(&extra),
+            Err(SignalError::Malformed(_))
+        ));
+        assert!(matches!(
+            Signal::parse(&bytes[..bytes.len() - 1]),
+            Err(SignalError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn linkage_is_order_independent_and_sensitive() {
+        let a = sample().to_bytes();
+        let b = Signal::signed(
+            "req-1",
+            &sample().request_repr,
+            "provider-b",
+            Stage::Complete,
+            "c",
+            &key(3),
+        )
+        .to_bytes();
+        let l1 = linkage([
+            ("provider-a", Stage::Start, &a[..]),
+            ("provider-b", Stage::Complete, &b[..]),
+        ]);
+        let l2 = linkage([
+            ("provider-b", Stage::Complete, &b[..]),
+            ("provider-a", Stage::Start, &a[..]),
+        ]);
+        assert_eq!(l1, l2);
+        let l3 = linkage([("provider-a", Stage::Start, &a[..])]);
+        assert_ne!(l1, l3);
+        // The formula written out.
+        let mut pre = Vec::new();
+        pre.extend_from_slice(b"provider-a\0START\0");
+        pre.extend_from_slice(&Sha256::digest(&a));
+        pre.push(b'\n');
+        assert_eq!(l3, crate::hashing::sha256_hex(&pre));
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_signal_round_trips_canonically(id in "[A-Za-z0-9._:-]{1,40}", body in proptest::collection::vec(any::<u8>(), 0..64), boundary in "[a-f0-9]{0,64}", complete in any::<bool>()) {
+                let stage = if complete { Stage::Complete } else { Stage::Start };
+                let s = Signal::signed(&id, repr_of(&body).as_str(), "p", stage, &boundary, &key(7));
+                let bytes = s.to_bytes();
+                let back = Signal::parse(&bytes);
+                prop_assert_eq!(back.as_ref(), Ok(&s));
+                prop_assert_eq!(s.verify(&key(7).verifying_key()), Ok(()));
+            }
+        }
+    }
+}
