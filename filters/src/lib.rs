@@ -9,6 +9,7 @@
 pub mod forward;
 pub mod inbound;
 pub mod matching;
+pub mod outcome;
 pub mod plan;
 pub mod reject;
 pub mod relay;

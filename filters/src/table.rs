@@ -114,6 +114,8 @@ pub struct HubSettings {
     pub max_in_flight: usize,
     pub async_retries: u32,
     pub retry_backoff: Duration,
+    pub outcome_queue: usize,
+    pub outcome_retries: u32,
 }
 
 /// How targets are selected, compiled.
@@ -144,6 +146,14 @@ pub struct Route {
     pub relay: Vec<usize>,
     pub respond: Respond,
     pub delivery: Delivery,
+    /// `collect`: overall wait.
+    pub timeout: Duration,
+    /// `collect`: cap per captured response body.
+    pub max_response_bytes: usize,
+    /// `proxy`: copies in flight at once for this route.
+    pub copy_max_in_flight: usize,
+    /// `proxy`: largest body copied.
+    pub copy_max_body_bytes: u64,
 }
 
 /// One compiled, validated routing-table version. Immutable once built; swapped whole.
@@ -281,6 +291,12 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
     if h.async_retries > 10 {
         c.push("$.hub.async_retries", "must be at most 10");
     }
+    if h.outcome_retries > 20 {
+        c.push("$.hub.outcome_retries", "must be at most 20");
+    }
+    if h.outcome_queue == 0 {
+        c.push("$.hub.outcome_queue", "must be at least 1");
+    }
     let outcome_url = match url::parse(&h.advertise) {
         Ok(u) => {
             let scheme = if u.tls { "https" } else { "http" };
@@ -300,6 +316,8 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
         max_in_flight: h.max_in_flight,
         async_retries: h.async_retries,
         retry_backoff: Duration::from_millis(h.retry_backoff_ms),
+        outcome_queue: h.outcome_queue,
+        outcome_retries: h.outcome_retries,
     };
 
     // Upstreams: providers, then peers.
@@ -476,14 +494,14 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
                 }
             },
         };
-        if r.respond != Respond::Accept {
-            c.push(
-                format!("{rp}.respond"),
-                format!(
-                    "{:?} is not implemented by this hub yet; use \"accept\"",
-                    r.respond
-                ),
-            );
+        if r.timeout_ms == 0 || r.timeout_ms > 600_000 {
+            c.push(format!("{rp}.timeout_ms"), "must be 1..=600000");
+        }
+        if r.max_response_bytes == 0 {
+            c.push(format!("{rp}.max_response_bytes"), "must be at least 1");
+        }
+        if r.copies.max_in_flight == 0 {
+            c.push(format!("{rp}.copies.max_in_flight"), "must be at least 1");
         }
         routes.push(Route {
             id: r.id.clone(),
@@ -498,6 +516,10 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
             relay,
             respond: r.respond,
             delivery: r.delivery,
+            timeout: Duration::from_millis(r.timeout_ms),
+            max_response_bytes: usize::try_from(r.max_response_bytes).unwrap_or(usize::MAX),
+            copy_max_in_flight: r.copies.max_in_flight,
+            copy_max_body_bytes: r.copies.max_body_bytes.unwrap_or(h.max_body_bytes),
         });
     }
 

@@ -43,6 +43,12 @@ pub struct HubFile {
     /// First retry delay; doubles per attempt.
     #[serde(default = "default_retry_backoff_ms")]
     pub retry_backoff_ms: u64,
+    /// Outcome relays queued or in delivery at once; beyond it `/_hub/outcomes` answers 503.
+    #[serde(default = "default_outcome_queue")]
+    pub outcome_queue: usize,
+    /// Retries of one outcome delivery (at least once, bounded).
+    #[serde(default = "default_outcome_retries")]
+    pub outcome_retries: u32,
 }
 
 fn default_max_hops() -> u32 {
@@ -62,6 +68,21 @@ fn default_retry_backoff_ms() -> u64 {
 }
 fn default_timeout_ms() -> u64 {
     2000
+}
+fn default_outcome_queue() -> usize {
+    1024
+}
+fn default_outcome_retries() -> u32 {
+    5
+}
+fn default_route_timeout_ms() -> u64 {
+    5000
+}
+fn default_max_response_bytes() -> u64 {
+    1024 * 1024
+}
+fn default_copy_max_in_flight() -> usize {
+    256
 }
 
 /// A provider or a peer hub.
@@ -93,6 +114,37 @@ pub struct RouteFile {
     pub respond: Respond,
     #[serde(default)]
     pub delivery: Delivery,
+    /// `collect`: how long to wait for every target.
+    #[serde(default = "default_route_timeout_ms")]
+    pub timeout_ms: u64,
+    /// `collect`: cap on each captured response body.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: u64,
+    /// `proxy`: bounds on the copies sent to the other targets and relays.
+    #[serde(default)]
+    pub copies: CopiesFile,
+}
+
+/// Bounds on `proxy` copies.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopiesFile {
+    /// Copies of this route in flight at once; beyond it a copy is skipped and counted.
+    #[serde(default = "default_copy_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Largest body copied; larger bodies go to the primary only (skipped copies are counted).
+    /// Absent: the hub's `max_body_bytes`.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+}
+
+impl Default for CopiesFile {
+    fn default() -> Self {
+        CopiesFile {
+            max_in_flight: default_copy_max_in_flight(),
+            max_body_bytes: None,
+        }
+    }
 }
 
 /// What a request must look like to take a route.

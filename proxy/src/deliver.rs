@@ -5,6 +5,7 @@
 //! clean, complete exchange. A reused connection that fails before any response byte is retried
 //! once on a fresh connection (the upstream closed an idle keep-alive connection).
 
+use bytes::Bytes;
 use pingora_core::connectors::{ConnectorOptions, TransportConnector};
 use pingora_core::protocols::http::v1::client::HttpSession;
 use pingora_core::protocols::Stream;
@@ -87,7 +88,15 @@ pub struct Deliverer {
 enum ExchangeError {
     /// Failed before any response byte: the request may be retried on a fresh connection.
     BeforeResponse(String),
-    After(String),
+}
+
+/// A complete response captured for `collect`.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// The body, or `None` when it exceeded the cap (the connection is then not reused).
+    pub body: Option<Bytes>,
 }
 
 impl Deliverer {
@@ -99,64 +108,43 @@ impl Deliverer {
         }
     }
 
-    /// Sends one request and reads the whole response. `Ok(status)` is always a 2xx.
-    pub async fn deliver(
+    /// Sends the request and reads the response head. The returned session is positioned at
+    /// the response body; hand it back with [`Deliverer::release`] once the body is fully read.
+    /// A pooled connection that fails before any response byte is retried once on a fresh one
+    /// (safe: the request was not answered, and providers deduplicate by request id).
+    pub async fn start(
         &self,
         peer: &HttpPeer,
         req: &RequestHeader,
         body: &[u8],
-        timeout: Duration,
-    ) -> Result<u16, Failure> {
-        match tokio::time::timeout(timeout, self.deliver_inner(peer, req, body)).await {
-            Ok(r) => r,
-            Err(_) => Err(Failure::Timeout),
-        }
-    }
-
-    async fn deliver_inner(
-        &self,
-        peer: &HttpPeer,
-        req: &RequestHeader,
-        body: &[u8],
-    ) -> Result<u16, Failure> {
+    ) -> Result<HttpSession, Failure> {
         let (stream, reused) = self
             .transport
             .get_stream(peer)
             .await
             .map_err(|e| Failure::Refused(e.to_string()))?;
-        let status = match self.exchange(stream, peer, req, body).await {
-            Ok(s) => s,
+        match Self::send(stream, peer, req, body).await {
+            Ok(s) => Ok(s),
             Err(ExchangeError::BeforeResponse(_)) if reused => {
                 let stream = self
                     .transport
                     .new_stream(peer)
                     .await
                     .map_err(|e| Failure::Refused(e.to_string()))?;
-                match self.exchange(stream, peer, req, body).await {
-                    Ok(s) => s,
-                    Err(ExchangeError::BeforeResponse(e) | ExchangeError::After(e)) => {
-                        return Err(Failure::Broken(e))
-                    }
-                }
+                Self::send(stream, peer, req, body)
+                    .await
+                    .map_err(|ExchangeError::BeforeResponse(e)| Failure::Broken(e))
             }
-            Err(ExchangeError::BeforeResponse(e) | ExchangeError::After(e)) => {
-                return Err(Failure::Broken(e))
-            }
-        };
-        if (200..300).contains(&status) {
-            Ok(status)
-        } else {
-            Err(Failure::Status(status))
+            Err(ExchangeError::BeforeResponse(e)) => Err(Failure::Broken(e)),
         }
     }
 
-    async fn exchange(
-        &self,
+    async fn send(
         stream: Stream,
         peer: &HttpPeer,
         req: &RequestHeader,
         body: &[u8],
-    ) -> Result<u16, ExchangeError> {
+    ) -> Result<HttpSession, ExchangeError> {
         let before = |e: pingora_error::BError| ExchangeError::BeforeResponse(e.to_string());
         let mut s = HttpSession::new_with_options(stream, peer);
         s.write_request_header(Box::new(req.clone()))
@@ -167,20 +155,99 @@ impl Deliverer {
         }
         s.finish_body().await.map_err(before)?;
         s.read_response().await.map_err(before)?;
-        let status = s.get_status().map(|c| c.as_u16()).unwrap_or(0);
-        // Drain the body (bounded by the caller's timeout) so the connection can be reused.
-        loop {
-            match s.read_body_bytes().await {
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(e) => return Err(ExchangeError::After(e.to_string())),
-            }
-        }
+        Ok(s)
+    }
+
+    /// Returns a session whose response was read completely to the pool (if keep-alive allows).
+    pub async fn release(&self, mut s: HttpSession, peer: &HttpPeer) {
         s.respect_keepalive();
         if let Some(stream) = s.reuse().await {
             self.transport
                 .release_stream(stream, peer.reuse_hash(), Some(IDLE_TIMEOUT));
         }
-        Ok(status)
+    }
+
+    /// Sends one request and reads (drains) the whole response. `Ok(status)` is always a 2xx.
+    pub async fn deliver(
+        &self,
+        peer: &HttpPeer,
+        req: &RequestHeader,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<u16, Failure> {
+        let status = tokio::time::timeout(timeout, async {
+            let mut s = self.start(peer, req, body).await?;
+            let status = s.get_status().map(|c| c.as_u16()).unwrap_or(0);
+            loop {
+                match s.read_body_bytes().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => return Err(Failure::Broken(e.to_string())),
+                }
+            }
+            self.release(s, peer).await;
+            Ok(status)
+        })
+        .await
+        .map_err(|_| Failure::Timeout)??;
+        if (200..300).contains(&status) {
+            Ok(status)
+        } else {
+            Err(Failure::Status(status))
+        }
+    }
+
+    /// Sends one request and captures the response (any status), the body up to `max_body`.
+    pub async fn fetch(
+        &self,
+        peer: &HttpPeer,
+        req: &RequestHeader,
+        body: &[u8],
+        timeout: Duration,
+        max_body: usize,
+    ) -> Result<Fetched, Failure> {
+        tokio::time::timeout(timeout, async {
+            let mut s = self.start(peer, req, body).await?;
+            let status = s.get_status().map(|c| c.as_u16()).unwrap_or(0);
+            let headers = s
+                .resp_header()
+                .map(|h| {
+                    h.headers
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                k.as_str().to_string(),
+                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut buf = bytes::BytesMut::new();
+            loop {
+                match s.read_body_bytes().await {
+                    Ok(Some(chunk)) => {
+                        if buf.len() + chunk.len() > max_body {
+                            return Ok(Fetched {
+                                status,
+                                headers,
+                                body: None,
+                            });
+                        }
+                        buf.extend_from_slice(&chunk);
+                    }
+                    Ok(None) => break,
+                    Err(e) => return Err(Failure::Broken(e.to_string())),
+                }
+            }
+            self.release(s, peer).await;
+            Ok(Fetched {
+                status,
+                headers,
+                body: Some(buf.freeze()),
+            })
+        })
+        .await
+        .map_err(|_| Failure::Timeout)?
     }
 }

@@ -1,24 +1,23 @@
 //! The Pingora glue: `ProxyHttp` for the hub. Everything is decided by `multihub-filters`;
-//! this file reads the request, calls the filters, delivers, and answers.
+//! this file reads the request, calls the filters, hands the request to its response mode
+//! (`modes.rs`) or to the outcome relay (`outcomes.rs`), and answers.
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
 use multihub_filters::forward::{connection_tokens, hub_headers, is_forwarded};
 use multihub_filters::relay::Suppressed;
-use multihub_filters::{plan, Plan, Reject, RequestView, Upstream};
+use multihub_filters::{plan, Plan, Reject, RequestView};
 use multihub_protocol::hashing::{binding_hex, repr_of};
-use multihub_protocol::headers::{HUB_ROUTE_VERSION, REQUEST_ID};
-use multihub_protocol::routes::{Delivery, Order};
+use multihub_protocol::headers::{HUB_ROUTE_VERSION, OUTCOMES_PATH, REQUEST_ID};
+use multihub_protocol::routes::Respond;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{ProxyHttp, Session};
-use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::deliver::Failure;
 use crate::state::{Engine, HubTable, Stats, Tables};
 
 /// The hub service.
@@ -29,42 +28,33 @@ pub struct Hub {
 
 /// Per-request scratch.
 pub struct Ctx {
-    started: Instant,
+    pub(crate) started: Instant,
     /// The table version serving this request (pinned for its whole life).
-    table: Option<Arc<HubTable>>,
-    route: Option<usize>,
-    request_id: Option<HeaderValue>,
-    status: u16,
-    delivered: u16,
-    failed: u16,
-}
-
-/// One delivery outcome: upstream index and result.
-type Outcome = (usize, Result<u16, Failure>);
-
-#[derive(Serialize)]
-struct Undelivered<'a> {
-    target: &'a str,
-    kind: &'static str,
-    reason: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<u16>,
-    detail: String,
-}
-
-#[derive(Serialize)]
-struct UndeliveredBody<'a> {
-    error: &'static str,
-    detail: String,
-    request_id: &'a str,
-    route_version: &'a str,
-    undelivered: Vec<Undelivered<'a>>,
+    pub(crate) table: Option<Arc<HubTable>>,
+    pub(crate) route: Option<usize>,
+    pub(crate) request_id: Option<HeaderValue>,
+    pub(crate) status: u16,
+    pub(crate) delivered: u16,
+    pub(crate) failed: u16,
 }
 
 /// Why the body could not be read.
-enum BodyError {
+pub(crate) enum BodyError {
     TooLarge(u64),
     Bad(String),
+}
+
+impl BodyError {
+    pub(crate) fn reject(self, max: u64) -> Reject {
+        match self {
+            BodyError::TooLarge(n) => Reject::new(
+                413,
+                "body_too_large",
+                format!("body of {n} bytes exceeds max_body_bytes {max}"),
+            ),
+            BodyError::Bad(e) => Reject::new(400, "bad_body", e),
+        }
+    }
 }
 
 impl Hub {
@@ -72,19 +62,27 @@ impl Hub {
         Hub { tables, engine }
     }
 
-    /// Writes a complete response. `body` is JSON when present.
-    async fn respond(
+    /// Writes a complete response with the request id and route version. `body` is JSON.
+    pub(crate) async fn respond(
         session: &mut Session,
         ctx: &mut Ctx,
         status: u16,
         body: Option<Vec<u8>>,
     ) -> Result<()> {
-        let mut resp = ResponseHeader::build(status, Some(5))?;
-        if let Some(id) = &ctx.request_id {
-            resp.insert_header(REQUEST_ID, id.clone())?;
-        }
-        if let Some(t) = &ctx.table {
-            resp.insert_header(HUB_ROUTE_VERSION, t.table.version_header.clone())?;
+        Self::respond_with(session, ctx, status, body, &[]).await
+    }
+
+    pub(crate) async fn respond_with(
+        session: &mut Session,
+        ctx: &mut Ctx,
+        status: u16,
+        body: Option<Vec<u8>>,
+        extra: &[(&'static str, HeaderValue)],
+    ) -> Result<()> {
+        let mut resp = ResponseHeader::build(status, Some(6))?;
+        stamp(&mut resp, ctx)?;
+        for (k, v) in extra {
+            resp.insert_header(*k, v.clone())?;
         }
         ctx.status = status;
         match body {
@@ -106,13 +104,20 @@ impl Hub {
         }
     }
 
-    async fn reject(session: &mut Session, ctx: &mut Ctx, r: Reject) -> Result<()> {
+    /// Answers a refusal; closes the connection when an unread body would follow.
+    pub(crate) async fn reject(session: &mut Session, ctx: &mut Ctx, r: Reject) -> Result<()> {
+        if has_body(session.req_header()) && !session.is_body_done() {
+            session.set_keepalive(None);
+        }
         Self::respond(session, ctx, r.status, Some(r.body())).await
     }
 
     /// Reads the whole request body, enforcing the cap: a declared Content-Length over the cap
     /// is refused before reading; a chunked body as soon as it exceeds it.
-    async fn read_body(session: &mut Session, max: u64) -> std::result::Result<Bytes, BodyError> {
+    pub(crate) async fn read_body(
+        session: &mut Session,
+        max: u64,
+    ) -> std::result::Result<Bytes, BodyError> {
         let declared = match session
             .req_header()
             .headers
@@ -203,7 +208,7 @@ impl Hub {
         Ok(out)
     }
 
-    fn suppressions(engine: &Engine, plan: &Plan) {
+    fn count_suppressed(engine: &Engine, plan: &Plan) {
         for (_, why) in &plan.relay.suppressed {
             match why {
                 Suppressed::Loop => Stats::add(&engine.stats.relays_suppressed_loop),
@@ -213,114 +218,15 @@ impl Hub {
     }
 }
 
-/// The head for one upstream: the base head with this upstream's `Host` and base path.
-fn head_for(base: &RequestHeader, up: &Upstream) -> Result<Box<RequestHeader>> {
-    let mut h = Box::new(base.clone());
-    h.insert_header(http::header::HOST, up.host_header.clone())?;
-    if !up.url.base_path.is_empty() {
-        let pq = base.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let mut s = String::with_capacity(up.url.base_path.len() + pq.len());
-        s.push_str(&up.url.base_path);
-        s.push_str(pq);
-        let uri = s
-            .parse::<http::Uri>()
-            .map_err(|_| Error::new(ErrorType::InternalError))?;
-        h.set_uri(uri);
+/// Adds `x-request-id` and `x-hub-route-version` to an answer.
+pub(crate) fn stamp(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
+    if let Some(id) = &ctx.request_id {
+        resp.insert_header(REQUEST_ID, id.clone())?;
     }
-    Ok(h)
-}
-
-/// One request's deliveries: everything but the upstream index.
-pub(crate) struct Job<'a> {
-    pub engine: &'a Engine,
-    pub t: &'a HubTable,
-    pub base: &'a RequestHeader,
-    pub body: &'a Bytes,
-    /// Confirmed deliveries wait for an in-flight permit (up to the upstream's timeout); async
-    /// ones never wait: no permit = dropped and counted.
-    pub wait: bool,
-    /// Extra attempts on retryable failures, with doubling backoff.
-    pub retries: u32,
-}
-
-impl Job<'_> {
-    /// Delivers to upstream `i` under the in-flight bound.
-    async fn deliver_one(&self, i: usize) -> Outcome {
-        let (engine, t) = (self.engine, self.t);
-        let (Some(up), Some(peer)) = (t.table.upstream(i), t.peers.get(i)) else {
-            return (i, Err(Failure::Broken("unknown upstream".into())));
-        };
-        let permit = if self.wait {
-            match tokio::time::timeout(up.timeout, engine.in_flight.acquire()).await {
-                Ok(Ok(p)) => p,
-                _ => return (i, Err(Failure::InFlightFull)),
-            }
-        } else {
-            match engine.in_flight.try_acquire() {
-                Ok(p) => p,
-                Err(_) => {
-                    Stats::add(&engine.stats.dropped_in_flight_full);
-                    return (i, Err(Failure::InFlightFull));
-                }
-            }
-        };
-        let head = match head_for(self.base, up) {
-            Ok(h) => h,
-            Err(e) => return (i, Err(Failure::Broken(e.to_string()))),
-        };
-        let mut backoff = t.table.hub.retry_backoff;
-        let mut attempt = 0;
-        let result = loop {
-            let r = engine
-                .deliverer
-                .deliver(peer, &head, self.body, up.timeout)
-                .await;
-            t.mark(i, !matches!(&r, Err(f) if f.unreachable()));
-            match r {
-                Err(f) if f.retryable() && attempt < self.retries => {
-                    attempt += 1;
-                    tokio::time::sleep(backoff).await;
-                    backoff = backoff.saturating_mul(2);
-                }
-                other => break other,
-            }
-        };
-        drop(permit);
-        match &result {
-            Ok(_) => Stats::add(&engine.stats.deliveries_ok),
-            Err(_) => {
-                Stats::add(&engine.stats.deliveries_failed);
-                if self.retries > 0 {
-                    Stats::add(&engine.stats.dropped_retries_exhausted);
-                }
-            }
-        }
-        (i, result)
+    if let Some(t) = &ctx.table {
+        resp.insert_header(HUB_ROUTE_VERSION, t.table.version_header.clone())?;
     }
-
-    /// Delivers to every upstream in `list` (targets, then relays), in parallel or in sequence.
-    async fn deliver_all(&self, order: Order, list: &[usize]) -> Vec<Outcome> {
-        match order {
-            Order::Parallel => {
-                futures::future::join_all(list.iter().map(|&i| self.deliver_one(i))).await
-            }
-            Order::Sequential => {
-                let mut out = Vec::with_capacity(list.len());
-                let mut broken = false;
-                for &i in list {
-                    if broken {
-                        Stats::add(&self.engine.stats.dropped_skipped);
-                        out.push((i, Err(Failure::Skipped)));
-                        continue;
-                    }
-                    let o = self.deliver_one(i).await;
-                    broken = o.1.is_err();
-                    out.push(o);
-                }
-                out
-            }
-        }
-    }
+    Ok(())
 }
 
 #[async_trait]
@@ -340,10 +246,15 @@ impl ProxyHttp for Hub {
     }
 
     /// Runs once the request head is parsed. The hub answers every request here (returns
-    /// `Ok(true)`): route, read the body, deliver, respond. Nothing reaches `upstream_peer`.
+    /// `Ok(true)`): route, read the body, deliver per the route's mode, respond.
+    /// Nothing reaches `upstream_peer`.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let t = self.tables.load_full();
         ctx.table = Some(t.clone());
+        if session.req_header().uri.path() == OUTCOMES_PATH {
+            self.relay_outcome(session, ctx, &t).await?;
+            return Ok(true);
+        }
         let req = session.req_header();
         let host = req
             .headers
@@ -367,119 +278,26 @@ impl ProxyHttp for Hub {
                         .filter(|v| multihub_protocol::validate_request_id(v.as_bytes()).is_ok())
                         .cloned();
                 }
-                if has_body(session.req_header()) {
-                    // The unread body would be taken for the next request: close instead.
-                    session.set_keepalive(None);
-                }
                 Self::reject(session, ctx, r).await?;
                 return Ok(true);
             }
         };
         ctx.request_id = Some(plan.inbound.request_id.clone());
         ctx.route = Some(plan.route);
-        let body = match Self::read_body(session, t.table.hub.max_body_bytes).await {
+        let max = t.table.hub.max_body_bytes;
+        let body = match Self::read_body(session, max).await {
             Ok(b) => b,
-            Err(BodyError::TooLarge(n)) => {
-                session.set_keepalive(None);
-                let r = Reject::new(
-                    413,
-                    "body_too_large",
-                    format!(
-                        "body of {n} bytes exceeds max_body_bytes {}",
-                        t.table.hub.max_body_bytes
-                    ),
-                );
-                Self::reject(session, ctx, r).await?;
-                return Ok(true);
-            }
-            Err(BodyError::Bad(e)) => {
-                session.set_keepalive(None);
-                Self::reject(session, ctx, Reject::new(400, "bad_body", e)).await?;
+            Err(e) => {
+                Self::reject(session, ctx, e.reject(max)).await?;
                 return Ok(true);
             }
         };
-        Self::suppressions(&self.engine, &plan);
+        Self::count_suppressed(&self.engine, &plan);
         let base = Self::base_header(session.req_header(), &t, &plan, &body)?;
-        let route = &t.table.routes[plan.route];
-        let mut list = plan.targets.clone();
-        list.extend_from_slice(&plan.relay.relays);
-
-        match route.delivery {
-            Delivery::Async => {
-                let engine = self.engine.clone();
-                let tt = t.clone();
-                let order = route.order;
-                let retries = t.table.hub.async_retries;
-                ctx.delivered = list.len() as u16;
-                tokio::spawn(async move {
-                    let job = Job {
-                        engine: &engine,
-                        t: &tt,
-                        base: &base,
-                        body: &body,
-                        wait: false,
-                        retries,
-                    };
-                    let out = job.deliver_all(order, &list).await;
-                    for (i, r) in out {
-                        if let Err(f) = r {
-                            let id = tt.table.upstream(i).map(|u| u.id.as_str()).unwrap_or("?");
-                            log::debug!("async delivery to {id} failed: {f}");
-                        }
-                    }
-                });
-                Self::respond(session, ctx, 204, None).await?;
-            }
-            Delivery::Confirmed => {
-                let job = Job {
-                    engine: &self.engine,
-                    t: &t,
-                    base: &base,
-                    body: &body,
-                    wait: true,
-                    retries: 0,
-                };
-                let out = job.deliver_all(route.order, &list).await;
-                let failed: Vec<&Outcome> = out.iter().filter(|o| o.1.is_err()).collect();
-                ctx.delivered = (out.len() - failed.len()) as u16;
-                ctx.failed = failed.len() as u16;
-                if failed.is_empty() {
-                    Self::respond(session, ctx, 204, None).await?;
-                } else {
-                    let undelivered = failed
-                        .iter()
-                        .filter_map(|(i, r)| {
-                            let up = t.table.upstream(*i)?;
-                            let f = r.as_ref().err()?;
-                            Some(Undelivered {
-                                target: &up.id,
-                                kind: up.kind.as_str(),
-                                reason: f.reason(),
-                                status: match f {
-                                    Failure::Status(s) => Some(*s),
-                                    _ => None,
-                                },
-                                detail: f.to_string(),
-                            })
-                        })
-                        .collect::<Vec<_>>();
-                    let names: Vec<&str> = undelivered.iter().map(|u| u.target).collect();
-                    let body = UndeliveredBody {
-                        error: "undelivered",
-                        detail: format!(
-                            "{} of {} deliveries failed: {}",
-                            failed.len(),
-                            out.len(),
-                            names.join(", ")
-                        ),
-                        request_id: plan.inbound.request_id.to_str().unwrap_or(""),
-                        route_version: &t.table.version,
-                        undelivered,
-                    };
-                    let bytes = serde_json::to_vec(&body).unwrap_or_default();
-                    Self::respond(session, ctx, 502, Some(bytes)).await?;
-                }
-            }
+        match t.table.routes[plan.route].respond {
+            Respond::Accept => self.accept(session, ctx, &t, &plan, base, body).await?,
+            Respond::Proxy => self.proxy(session, ctx, &t, &plan, base, body).await?,
+            Respond::Collect => self.collect(session, ctx, &t, &plan, base, body).await?,
         }
         Ok(true)
     }

@@ -9,8 +9,11 @@
 pub mod cli;
 pub mod deliver;
 pub mod error;
+pub mod fanout;
 pub mod hub;
 pub mod logger;
+pub mod modes;
+pub mod outcomes;
 pub mod server;
 pub mod state;
 

@@ -67,6 +67,7 @@ pub fn run(cli: &Cli, loaded: Loaded) -> Result<(), HubError> {
         return Err(HubError::Usage("--threads must be at least 1".into()));
     }
     let max_in_flight = loaded.table.hub.max_in_flight;
+    let outcome_queue = loaded.table.hub.outcome_queue;
     let conf = ServerConf {
         threads: cli.threads,
         grace_period_seconds: Some(cli.grace_period),
@@ -81,6 +82,7 @@ pub fn run(cli: &Cli, loaded: Loaded) -> Result<(), HubError> {
     let engine = Arc::new(Engine {
         deliverer: Deliverer::new(1024),
         in_flight: Arc::new(Semaphore::new(max_in_flight)),
+        outcome_slots: Arc::new(Semaphore::new(outcome_queue)),
         stats: Stats::default(),
     });
     let hub = Hub::new(tables, engine);

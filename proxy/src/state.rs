@@ -21,6 +21,10 @@ pub struct HubTable {
     pub table: RoutingTable,
     /// One Pingora peer per upstream index of `table`.
     pub peers: Vec<HttpPeer>,
+    /// One Pingora peer per outcome sink.
+    pub sink_peers: Vec<HttpPeer>,
+    /// Per route: the bound on its `proxy` copies in flight.
+    pub copy_slots: Vec<Semaphore>,
     /// Per upstream: milliseconds since `epoch` until which it is considered down.
     down_until: Vec<AtomicU64>,
     epoch: Instant,
@@ -43,9 +47,21 @@ impl HubTable {
             })
             .collect();
         let down_until = table.upstreams.iter().map(|_| AtomicU64::new(0)).collect();
+        let sink_peers = table
+            .outcome_sinks
+            .iter()
+            .map(|s| HttpPeer::new(s.addr, false, String::new()))
+            .collect();
+        let copy_slots = table
+            .routes
+            .iter()
+            .map(|r| Semaphore::new(r.copy_max_in_flight))
+            .collect();
         HubTable {
             table,
             peers,
+            sink_peers,
+            copy_slots,
             down_until,
             epoch: Instant::now(),
             file: loaded.file,
@@ -85,8 +101,16 @@ pub struct Stats {
     pub dropped_in_flight_full: AtomicU64,
     pub dropped_retries_exhausted: AtomicU64,
     pub dropped_skipped: AtomicU64,
+    pub copies_skipped_body: AtomicU64,
     pub relays_suppressed_loop: AtomicU64,
     pub relays_suppressed_hops: AtomicU64,
+    pub outcomes_accepted: AtomicU64,
+    pub outcomes_rejected: AtomicU64,
+    pub outcomes_queue_full: AtomicU64,
+    pub outcomes_unknown_predecessor: AtomicU64,
+    pub outcomes_not_on_path: AtomicU64,
+    pub outcome_deliveries_ok: AtomicU64,
+    pub outcome_deliveries_failed: AtomicU64,
 }
 
 impl Stats {
@@ -98,8 +122,10 @@ impl Stats {
 /// Process-wide delivery machinery, shared by every table version.
 pub struct Engine {
     pub deliverer: Deliverer,
-    /// Bounds deliveries in flight (async, confirmed and relays alike).
+    /// Bounds deliveries in flight (async, confirmed, collect and relays alike).
     pub in_flight: Arc<Semaphore>,
+    /// Bounds outcome relays queued or in delivery.
+    pub outcome_slots: Arc<Semaphore>,
     pub stats: Stats,
 }
 

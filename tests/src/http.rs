@@ -230,3 +230,29 @@ pub async fn request(
         .request(method, path, headers, body)
         .await
 }
+
+impl Conn {
+    /// Reads a response head only (status and headers), leaving the body unread.
+    pub async fn read_head(&mut self) -> io::Result<Message> {
+        read_message(&mut self.r, false)
+            .await?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"))
+    }
+
+    /// Reads one chunk of a chunked body: `None` at the terminating zero chunk.
+    pub async fn read_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let mut size = String::new();
+        self.r.read_line(&mut size).await?;
+        let n = usize::from_str_radix(size.trim(), 16)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if n == 0 {
+            let mut end = String::new();
+            self.r.read_line(&mut end).await?;
+            return Ok(None);
+        }
+        let mut buf = vec![0; n + 2];
+        self.r.read_exact(&mut buf).await?;
+        buf.truncate(n);
+        Ok(Some(buf))
+    }
+}

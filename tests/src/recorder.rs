@@ -21,6 +21,15 @@ pub enum Behaviour {
     Gated,
     /// Record the request and close the connection without answering.
     Close,
+    /// Answer 200 chunked: send `first`, wait until the gate opens, then send `rest`.
+    StreamGated { first: Vec<u8>, rest: Vec<u8> },
+}
+
+fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut v = format!("{:x}\r\n", data.len()).into_bytes();
+    v.extend_from_slice(data);
+    v.extend_from_slice(b"\r\n");
+    v
 }
 
 /// One request as received.
@@ -108,6 +117,24 @@ impl Recorder {
                             Behaviour::Status(st) => (st, Vec::new()),
                             Behaviour::Body(st, body) => (st, body),
                             Behaviour::Close => return,
+                            Behaviour::StreamGated { first, rest } => {
+                                let mut head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Up: stream\r\n\r\n".to_vec();
+                                head.extend_from_slice(&chunk(&first));
+                                if w.write_all(&head).await.is_err() || w.flush().await.is_err() {
+                                    return;
+                                }
+                                let mut rx = s.gate.subscribe();
+                                if rx.wait_for(|open| *open).await.is_err() {
+                                    return;
+                                }
+                                let mut tail = chunk(&rest);
+                                tail.extend_from_slice(b"0\r\n\r\n");
+                                if w.write_all(&tail).await.is_err() {
+                                    return;
+                                }
+                                s.answered.fetch_add(1, Ordering::SeqCst);
+                                continue;
+                            }
                             Behaviour::Gated => {
                                 let mut rx = s.gate.subscribe();
                                 if rx.wait_for(|open| *open).await.is_err() {

@@ -1,0 +1,117 @@
+//! Outcome relay decisions (DESIGN §4): which headers a provider's outcome must carry, and
+//! which hub comes before this one on the path. The body is never looked at.
+
+use http::{HeaderMap, HeaderValue};
+use multihub_protocol::headers::{HUB_PATH, PROVIDER_ID, REQUEST_ID};
+use multihub_protocol::ids::{validate_hub_id, validate_request_id};
+
+use crate::inbound::path_ids;
+use crate::reject::Reject;
+
+/// The validated headers of an outcome relay, forwarded unchanged.
+#[derive(Debug, Clone)]
+pub struct OutcomeHeaders {
+    pub request_id: HeaderValue,
+    pub provider_id: HeaderValue,
+    pub path: HeaderValue,
+}
+
+fn required<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a HeaderValue, Reject> {
+    headers.get(name).ok_or_else(|| {
+        Reject::new(
+            400,
+            "missing_header",
+            format!("{name} is required on /_hub/outcomes"),
+        )
+    })
+}
+
+/// Validates `x-request-id`, `x-provider-id` and `x-hub-path` of an outcome relay.
+pub fn outcome_headers(headers: &HeaderMap) -> Result<OutcomeHeaders, Reject> {
+    let request_id = required(headers, REQUEST_ID)?;
+    validate_request_id(request_id.as_bytes())
+        .map_err(|e| Reject::new(400, "bad_request_id", format!("x-request-id {e}")))?;
+    let provider_id = required(headers, PROVIDER_ID)?;
+    let pid = provider_id
+        .to_str()
+        .map_err(|_| Reject::new(400, "bad_provider_id", "x-provider-id is not ASCII"))?;
+    validate_hub_id(pid)
+        .map_err(|e| Reject::new(400, "bad_provider_id", format!("x-provider-id {e}")))?;
+    let path = required(headers, HUB_PATH)?;
+    let p = path
+        .to_str()
+        .map_err(|_| Reject::new(400, "bad_hub_path", "x-hub-path is not ASCII"))?;
+    if path_ids(p).next().is_none() {
+        return Err(Reject::new(400, "bad_hub_path", "x-hub-path is empty"));
+    }
+    for id in path_ids(p) {
+        validate_hub_id(id).map_err(|e| {
+            Reject::new(
+                400,
+                "bad_hub_path",
+                format!("x-hub-path element {id:?} {e}"),
+            )
+        })?;
+    }
+    Ok(OutcomeHeaders {
+        request_id: request_id.clone(),
+        provider_id: provider_id.clone(),
+        path: path.clone(),
+    })
+}
+
+/// Where this hub stands on the path, and the hub before it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Predecessor<'a> {
+    /// The hub just before this one.
+    Hub(&'a str),
+    /// This hub is first on the path: the outcome goes to its sinks only.
+    First,
+    /// This hub is not on the path at all (counted; sinks still get it).
+    NotOnPath,
+}
+
+/// The hub before `hub_id` on `path` (its last occurrence).
+pub fn predecessor<'a>(path: &'a str, hub_id: &str) -> Predecessor<'a> {
+    let ids: Vec<&str> = path_ids(path).collect();
+    match ids.iter().rposition(|id| *id == hub_id) {
+        Some(0) => Predecessor::First,
+        Some(i) => Predecessor::Hub(ids[i - 1]),
+        None => Predecessor::NotOnPath,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn predecessor_along_the_path() {
+        assert_eq!(
+            predecessor("hub-a,hub-b", "hub-b"),
+            Predecessor::Hub("hub-a")
+        );
+        assert_eq!(predecessor("hub-a,hub-b", "hub-a"), Predecessor::First);
+        assert_eq!(
+            predecessor("hub-a, hub-b, hub-c", "hub-c"),
+            Predecessor::Hub("hub-b")
+        );
+        assert_eq!(predecessor("hub-a", "hub-x"), Predecessor::NotOnPath);
+    }
+
+    #[test]
+    fn missing_and_bad_headers() {
+        let mut h = HeaderMap::new();
+        let err = |h: &HeaderMap| outcome_headers(h).err().map(|r| (r.status, r.kind));
+        assert_eq!(err(&h), Some((400, "missing_header")));
+        h.insert("x-request-id", HeaderValue::from_static("r1"));
+        h.insert("x-provider-id", HeaderValue::from_static("provider-a"));
+        assert_eq!(err(&h), Some((400, "missing_header")));
+        h.insert("x-hub-path", HeaderValue::from_static("hub-a,bad hub"));
+        assert_eq!(err(&h), Some((400, "bad_hub_path")));
+        h.insert("x-hub-path", HeaderValue::from_static("hub-a,hub-b"));
+        assert!(outcome_headers(&h).is_ok());
+        h.insert("x-provider-id", HeaderValue::from_static("a,b"));
+        assert_eq!(err(&h), Some((400, "bad_provider_id")));
+    }
+}

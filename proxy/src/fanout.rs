@@ -1,0 +1,139 @@
+//! Deliveries of one buffered request to several upstreams, bounded and counted.
+
+use bytes::Bytes;
+use http::HeaderValue;
+use multihub_filters::Upstream;
+use multihub_protocol::routes::Order;
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::RequestHeader;
+use tokio::sync::Semaphore;
+
+use crate::deliver::Failure;
+use crate::state::{Engine, HubTable, Stats};
+
+/// One delivery outcome: upstream index and result (a 2xx status on success).
+pub type Outcome = (usize, std::result::Result<u16, Failure>);
+
+/// The head for one upstream: the base head with this upstream's `Host` and base path.
+pub fn head_for(base: &RequestHeader, up: &Upstream) -> Result<RequestHeader> {
+    head_at(base, &up.host_header, &up.url.base_path, None)
+}
+
+/// The base head re-targeted: `Host`, and the path below `base_path` (`path` replaces the
+/// request's own path when given).
+pub fn head_at(
+    base: &RequestHeader,
+    host: &HeaderValue,
+    base_path: &str,
+    path: Option<&str>,
+) -> Result<RequestHeader> {
+    let mut h = base.clone();
+    h.insert_header(http::header::HOST, host.clone())?;
+    if !base_path.is_empty() || path.is_some() {
+        let pq =
+            path.unwrap_or_else(|| base.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+        let mut s = String::with_capacity(base_path.len() + pq.len());
+        s.push_str(base_path);
+        s.push_str(pq);
+        let uri = s
+            .parse::<http::Uri>()
+            .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?;
+        h.set_uri(uri);
+    }
+    Ok(h)
+}
+
+/// One request's deliveries: everything but the upstream index.
+pub struct Job<'a> {
+    pub engine: &'a Engine,
+    pub t: &'a HubTable,
+    pub base: &'a RequestHeader,
+    pub body: &'a Bytes,
+    /// The in-flight bound these deliveries count against.
+    pub slots: &'a Semaphore,
+    /// Confirmed deliveries wait for a slot (up to the upstream's timeout); background ones
+    /// never wait: no slot = dropped and counted.
+    pub wait: bool,
+    /// Extra attempts on retryable failures, with doubling backoff.
+    pub retries: u32,
+}
+
+impl Job<'_> {
+    /// Delivers to upstream `i` under the in-flight bound.
+    pub async fn deliver_one(&self, i: usize) -> Outcome {
+        let (engine, t) = (self.engine, self.t);
+        let (Some(up), Some(peer)) = (t.table.upstream(i), t.peers.get(i)) else {
+            return (i, Err(Failure::Broken("unknown upstream".into())));
+        };
+        let permit = if self.wait {
+            match tokio::time::timeout(up.timeout, self.slots.acquire()).await {
+                Ok(Ok(p)) => p,
+                _ => return (i, Err(Failure::InFlightFull)),
+            }
+        } else {
+            match self.slots.try_acquire() {
+                Ok(p) => p,
+                Err(_) => {
+                    Stats::add(&engine.stats.dropped_in_flight_full);
+                    return (i, Err(Failure::InFlightFull));
+                }
+            }
+        };
+        let head = match head_for(self.base, up) {
+            Ok(h) => h,
+            Err(e) => return (i, Err(Failure::Broken(e.to_string()))),
+        };
+        let mut backoff = t.table.hub.retry_backoff;
+        let mut attempt = 0;
+        let result = loop {
+            let r = engine
+                .deliverer
+                .deliver(peer, &head, self.body, up.timeout)
+                .await;
+            t.mark(i, !matches!(&r, Err(f) if f.unreachable()));
+            match r {
+                Err(f) if f.retryable() && attempt < self.retries => {
+                    attempt += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff = backoff.saturating_mul(2);
+                }
+                other => break other,
+            }
+        };
+        drop(permit);
+        match &result {
+            Ok(_) => Stats::add(&engine.stats.deliveries_ok),
+            Err(_) => {
+                Stats::add(&engine.stats.deliveries_failed);
+                if self.retries > 0 {
+                    Stats::add(&engine.stats.dropped_retries_exhausted);
+                }
+            }
+        }
+        (i, result)
+    }
+
+    /// Delivers to every upstream in `list` (targets, then relays), in parallel or in sequence.
+    pub async fn deliver_all(&self, order: Order, list: &[usize]) -> Vec<Outcome> {
+        match order {
+            Order::Parallel => {
+                futures::future::join_all(list.iter().map(|&i| self.deliver_one(i))).await
+            }
+            Order::Sequential => {
+                let mut out = Vec::with_capacity(list.len());
+                let mut broken = false;
+                for &i in list {
+                    if broken {
+                        Stats::add(&self.engine.stats.dropped_skipped);
+                        out.push((i, Err(Failure::Skipped)));
+                        continue;
+                    }
+                    let o = self.deliver_one(i).await;
+                    broken = o.1.is_err();
+                    out.push(o);
+                }
+                out
+            }
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! The three response modes of a route (DESIGN §2 `respond`), each answering the requester.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use bytes::Bytes;
+use multihub_filters::Plan;
+use multihub_protocol::headers::is_hop_by_hop;
+use multihub_protocol::routes::{Delivery, Order};
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+use serde::Serialize;
+use std::sync::Arc;
+
+use crate::deliver::{Failure, Fetched};
+use crate::fanout::{head_for, Job, Outcome};
+use crate::hub::{stamp, Ctx, Hub};
+use crate::state::{HubTable, Stats};
+
+#[derive(Serialize)]
+struct Undelivered<'a> {
+    target: &'a str,
+    kind: &'static str,
+    reason: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    detail: String,
+}
+
+#[derive(Serialize)]
+struct UndeliveredBody<'a> {
+    error: &'static str,
+    detail: String,
+    request_id: &'a str,
+    route_version: &'a str,
+    undelivered: Vec<Undelivered<'a>>,
+}
+
+#[derive(Serialize)]
+struct Collected<'a> {
+    target: &'a str,
+    status: Option<u16>,
+    headers: Vec<(String, String)>,
+    body_b64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct CollectBody<'a> {
+    request_id: &'a str,
+    route_version: &'a str,
+    responses: Vec<Collected<'a>>,
+}
+
+/// Methods whose request may be sent twice without a different effect (RFC 9110 §9.2.2).
+fn idempotent(m: &http::Method) -> bool {
+    matches!(
+        *m,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::OPTIONS
+            | http::Method::TRACE
+    )
+}
+
+/// Selected targets, then relay peers: everything the request is delivered to.
+fn all_upstreams(plan: &Plan) -> Vec<usize> {
+    let mut list = Vec::with_capacity(plan.targets.len() + plan.relay.relays.len());
+    list.extend_from_slice(&plan.targets);
+    list.extend_from_slice(&plan.relay.relays);
+    list
+}
+
+impl Hub {
+    /// `respond: accept`: 204 once delivered (`confirmed`), or at once (`async`).
+    pub(crate) async fn accept(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        t: &Arc<HubTable>,
+        plan: &Plan,
+        base: RequestHeader,
+        body: Bytes,
+    ) -> Result<()> {
+        let route = &t.table.routes[plan.route];
+        let list = all_upstreams(plan);
+        match route.delivery {
+            Delivery::Async => {
+                ctx.delivered = list.len() as u16;
+                self.spawn_background(t, base, body, list, route.order);
+                Self::respond(session, ctx, 204, None).await
+            }
+            Delivery::Confirmed => {
+                let job = Job {
+                    engine: &self.engine,
+                    t,
+                    base: &base,
+                    body: &body,
+                    slots: &self.engine.in_flight,
+                    wait: true,
+                    retries: 0,
+                };
+                let out = job.deliver_all(route.order, &list).await;
+                let failed: Vec<&Outcome> = out.iter().filter(|o| o.1.is_err()).collect();
+                ctx.delivered = (out.len() - failed.len()) as u16;
+                ctx.failed = failed.len() as u16;
+                if failed.is_empty() {
+                    return Self::respond(session, ctx, 204, None).await;
+                }
+                let undelivered: Vec<Undelivered> = failed
+                    .iter()
+                    .filter_map(|(i, r)| {
+                        let up = t.table.upstream(*i)?;
+                        let f = r.as_ref().err()?;
+                        Some(Undelivered {
+                            target: &up.id,
+                            kind: up.kind.as_str(),
+                            reason: f.reason(),
+                            status: match f {
+                                Failure::Status(s) => Some(*s),
+                                _ => None,
+                            },
+                            detail: f.to_string(),
+                        })
+                    })
+                    .collect();
+                let names: Vec<&str> = undelivered.iter().map(|u| u.target).collect();
+                let body = UndeliveredBody {
+                    error: "undelivered",
+                    detail: format!(
+                        "{} of {} deliveries failed: {}",
+                        failed.len(),
+                        out.len(),
+                        names.join(", ")
+                    ),
+                    request_id: plan.inbound.request_id.to_str().unwrap_or(""),
+                    route_version: &t.table.version,
+                    undelivered,
+                };
+                let bytes = serde_json::to_vec(&body).unwrap_or_default();
+                Self::respond(session, ctx, 502, Some(bytes)).await
+            }
+        }
+    }
+
+    /// Delivers in the background against the hub-wide in-flight bound, with retries.
+    fn spawn_background(
+        &self,
+        t: &Arc<HubTable>,
+        base: RequestHeader,
+        body: Bytes,
+        list: Vec<usize>,
+        order: Order,
+    ) {
+        let engine = self.engine.clone();
+        let t = t.clone();
+        tokio::spawn(async move {
+            let job = Job {
+                engine: &engine,
+                t: &t,
+                base: &base,
+                body: &body,
+                slots: &engine.in_flight,
+                wait: false,
+                retries: t.table.hub.async_retries,
+            };
+            for (i, r) in job.deliver_all(order, &list).await {
+                if let Err(f) = r {
+                    let id = t.table.upstream(i).map(|u| u.id.as_str()).unwrap_or("?");
+                    log::debug!("background delivery to {id} failed: {f}");
+                }
+            }
+        });
+    }
+
+    /// `respond: proxy`: the first selected target's response streams back verbatim; every
+    /// other target and relay peer gets a copy in the background that never delays it.
+    pub(crate) async fn proxy(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        t: &Arc<HubTable>,
+        plan: &Plan,
+        base: RequestHeader,
+        body: Bytes,
+    ) -> Result<()> {
+        let route = &t.table.routes[plan.route];
+        let Some((&primary, others)) = plan.targets.split_first() else {
+            return Error::e_explain(ErrorType::InternalError, "route without targets");
+        };
+        let mut copies: Vec<usize> = others.to_vec();
+        copies.extend_from_slice(&plan.relay.relays);
+        if !copies.is_empty() {
+            if body.len() as u64 > route.copy_max_body_bytes {
+                for _ in &copies {
+                    Stats::add(&self.engine.stats.copies_skipped_body);
+                }
+            } else {
+                self.spawn_copies(t, plan.route, &base, &body, copies);
+            }
+        }
+
+        let (Some(up), Some(peer)) = (t.table.upstream(primary), t.peers.get(primary)) else {
+            return Error::e_explain(ErrorType::InternalError, "unknown primary");
+        };
+        let head = head_for(&base, up)?;
+        let attempts = if idempotent(&base.method) { 2 } else { 1 };
+        let mut last = Failure::Timeout;
+        let mut started = None;
+        for _ in 0..attempts {
+            match tokio::time::timeout(up.timeout, self.engine.deliverer.start(peer, &head, &body))
+                .await
+            {
+                Ok(Ok(s)) => {
+                    started = Some(s);
+                    break;
+                }
+                Ok(Err(f)) => last = f,
+                Err(_) => last = Failure::Timeout,
+            }
+        }
+        let Some(mut up_session) = started else {
+            t.mark(primary, !last.unreachable());
+            ctx.failed = 1;
+            let r = multihub_filters::Reject::new(
+                502,
+                "primary_unreachable",
+                format!("primary {}: {last}", up.id),
+            );
+            return Self::reject(session, ctx, r).await;
+        };
+        ctx.delivered = 1;
+        let mut resp: ResponseHeader = match up_session.resp_header() {
+            Some(h) => h.clone(),
+            None => return Error::e_explain(ErrorType::InternalError, "no response head"),
+        };
+        let conn: Vec<String> = multihub_filters::forward::connection_tokens(&resp.headers);
+        let drop: Vec<http::HeaderName> = resp
+            .headers
+            .keys()
+            .filter(|k| {
+                let n = k.as_str();
+                (is_hop_by_hop(n) && n != "transfer-encoding") || conn.iter().any(|c| c == n)
+            })
+            .cloned()
+            .collect();
+        for k in drop {
+            resp.remove_header(&k);
+        }
+        stamp(&mut resp, ctx)?;
+        ctx.status = resp.status.as_u16();
+        if up_session.is_body_done() {
+            session.write_response_header(Box::new(resp), true).await?;
+            self.engine.deliverer.release(up_session, peer).await;
+            return Ok(());
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        loop {
+            let chunk = match tokio::time::timeout(up.timeout, up_session.read_body_bytes()).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Error::e_explain(ErrorType::ReadTimedout, "primary body stalled"),
+            };
+            match chunk {
+                Some(c) => session.write_response_body(Some(c), false).await?,
+                None => {
+                    session.write_response_body(None, true).await?;
+                    break;
+                }
+            }
+        }
+        self.engine.deliverer.release(up_session, peer).await;
+        Ok(())
+    }
+
+    /// Copies of a `proxy` request, bounded per route: no slot = skipped and counted.
+    fn spawn_copies(
+        &self,
+        t: &Arc<HubTable>,
+        route: usize,
+        base: &RequestHeader,
+        body: &Bytes,
+        copies: Vec<usize>,
+    ) {
+        let engine = self.engine.clone();
+        let t = t.clone();
+        let base = base.clone();
+        let body = body.clone();
+        tokio::spawn(async move {
+            let Some(slots) = t.copy_slots.get(route) else {
+                return;
+            };
+            let job = Job {
+                engine: &engine,
+                t: &t,
+                base: &base,
+                body: &body,
+                slots,
+                wait: false,
+                retries: 0,
+            };
+            for (i, r) in job.deliver_all(Order::Parallel, &copies).await {
+                if let Err(f) = r {
+                    let id = t.table.upstream(i).map(|u| u.id.as_str()).unwrap_or("?");
+                    log::debug!("copy to {id} failed: {f}");
+                }
+            }
+        });
+    }
+
+    /// `respond: collect`: every target's and relay's response, verbatim, in one JSON answer.
+    pub(crate) async fn collect(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        t: &Arc<HubTable>,
+        plan: &Plan,
+        base: RequestHeader,
+        body: Bytes,
+    ) -> Result<()> {
+        let route = &t.table.routes[plan.route];
+        let list = all_upstreams(plan);
+        let engine = &self.engine;
+        let fetches = list.iter().map(|&i| {
+            let base = &base;
+            let body = &body;
+            async move {
+                let (Some(up), Some(peer)) = (t.table.upstream(i), t.peers.get(i)) else {
+                    return (i, Err(Failure::Broken("unknown upstream".into())));
+                };
+                let wait = up.timeout.min(route.timeout);
+                let Ok(Ok(_permit)) = tokio::time::timeout(wait, engine.in_flight.acquire()).await
+                else {
+                    return (i, Err(Failure::InFlightFull));
+                };
+                let head = match head_for(base, up) {
+                    Ok(h) => h,
+                    Err(e) => return (i, Err(Failure::Broken(e.to_string()))),
+                };
+                let r = engine
+                    .deliverer
+                    .fetch(peer, &head, body, wait, route.max_response_bytes)
+                    .await;
+                t.mark(i, !matches!(&r, Err(f) if f.unreachable()));
+                (i, r)
+            }
+        });
+        let results: Vec<(usize, std::result::Result<Fetched, Failure>)> =
+            futures::future::join_all(fetches).await;
+        let mut responses = Vec::with_capacity(results.len());
+        for (i, r) in &results {
+            let target = t.table.upstream(*i).map(|u| u.id.as_str()).unwrap_or("?");
+            responses.push(match r {
+                Ok(f) => {
+                    if (200..300).contains(&f.status) {
+                        ctx.delivered += 1;
+                    } else {
+                        ctx.failed += 1;
+                    }
+                    Collected {
+                        target,
+                        status: Some(f.status),
+                        headers: f.headers.clone(),
+                        body_b64: f.body.as_ref().map(|b| B64.encode(b)),
+                        error: f.body.is_none().then(|| "response_too_large".to_string()),
+                    }
+                }
+                Err(e) => {
+                    ctx.failed += 1;
+                    Collected {
+                        target,
+                        status: None,
+                        headers: Vec::new(),
+                        body_b64: None,
+                        error: Some(format!("{}: {e}", e.reason())),
+                    }
+                }
+            });
+        }
+        let body = CollectBody {
+            request_id: plan.inbound.request_id.to_str().unwrap_or(""),
+            route_version: &t.table.version,
+            responses,
+        };
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        Self::respond(session, ctx, 200, Some(bytes)).await
+    }
+}

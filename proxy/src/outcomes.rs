@@ -1,0 +1,196 @@
+//! Outcome relay (DESIGN §4): `POST /_hub/outcomes` from a provider, forwarded byte for byte and
+//! unparsed to every outcome sink and to the hub just before this one on the path.
+
+use bytes::Bytes;
+use http::HeaderValue;
+use multihub_filters::outcome::{outcome_headers, predecessor, OutcomeHeaders, Predecessor};
+use multihub_filters::Reject;
+use multihub_protocol::headers::{HUB_PATH, OUTCOMES_PATH, PROVIDER_ID, REQUEST_ID};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::Result;
+use pingora_http::RequestHeader;
+use pingora_proxy::Session;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::hub::{Ctx, Hub};
+use crate::state::{Engine, HubTable, Stats};
+
+/// Timeout of one outcome delivery attempt.
+const OUTCOME_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One destination of an outcome: a sink or the predecessor hub.
+struct Destination {
+    /// Metric label: `sink<N>` or the peer id.
+    label: String,
+    peer: HttpPeer,
+    head: RequestHeader,
+}
+
+fn outcome_head(
+    h: &OutcomeHeaders,
+    host: &HeaderValue,
+    path: &str,
+    content_type: Option<&HeaderValue>,
+    len: usize,
+) -> Result<RequestHeader> {
+    let mut head = RequestHeader::build("POST", path.as_bytes(), Some(6))?;
+    head.insert_header(http::header::HOST, host.clone())?;
+    head.insert_header(REQUEST_ID, h.request_id.clone())?;
+    head.insert_header(PROVIDER_ID, h.provider_id.clone())?;
+    head.insert_header(HUB_PATH, h.path.clone())?;
+    if let Some(ct) = content_type {
+        head.insert_header(http::header::CONTENT_TYPE, ct.clone())?;
+    }
+    head.insert_header(http::header::CONTENT_LENGTH, HeaderValue::from(len))?;
+    Ok(head)
+}
+
+impl Hub {
+    /// Validates, queues (bounded) and answers 202; delivery continues in the background.
+    pub(crate) async fn relay_outcome(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        t: &Arc<HubTable>,
+    ) -> Result<()> {
+        let req = session.req_header();
+        if req.method != http::Method::POST {
+            return Self::reject(
+                session,
+                ctx,
+                Reject::new(405, "method_not_allowed", "use POST on /_hub/outcomes"),
+            )
+            .await;
+        }
+        let h = match outcome_headers(&req.headers) {
+            Ok(h) => h,
+            Err(r) => {
+                Stats::add(&self.engine.stats.outcomes_rejected);
+                return Self::reject(session, ctx, r).await;
+            }
+        };
+        ctx.request_id = Some(h.request_id.clone());
+        let content_type = req.headers.get(http::header::CONTENT_TYPE).cloned();
+        let max = t.table.hub.max_body_bytes;
+        let body = match Self::read_body(session, max).await {
+            Ok(b) => b,
+            Err(e) => {
+                Stats::add(&self.engine.stats.outcomes_rejected);
+                return Self::reject(session, ctx, e.reject(max)).await;
+            }
+        };
+
+        let mut dests = Vec::with_capacity(t.table.outcome_sinks.len() + 1);
+        for (n, (sink, peer)) in t.table.outcome_sinks.iter().zip(&t.sink_peers).enumerate() {
+            let path = if sink.url.base_path.is_empty() {
+                "/"
+            } else {
+                sink.url.base_path.as_str()
+            };
+            dests.push(Destination {
+                label: format!("sink{n}"),
+                peer: peer.clone(),
+                head: outcome_head(
+                    &h,
+                    &sink.host_header,
+                    path,
+                    content_type.as_ref(),
+                    body.len(),
+                )?,
+            });
+        }
+        let path = h.path.to_str().unwrap_or("");
+        match predecessor(path, &t.table.hub.id) {
+            Predecessor::Hub(prev) => match t.table.peer_index.get(prev) {
+                Some(&i) => {
+                    if let (Some(up), Some(peer)) = (t.table.upstream(i), t.peers.get(i)) {
+                        let mut p =
+                            String::with_capacity(up.url.base_path.len() + OUTCOMES_PATH.len());
+                        p.push_str(&up.url.base_path);
+                        p.push_str(OUTCOMES_PATH);
+                        dests.push(Destination {
+                            label: up.id.clone(),
+                            peer: peer.clone(),
+                            head: outcome_head(
+                                &h,
+                                &up.host_header,
+                                &p,
+                                content_type.as_ref(),
+                                body.len(),
+                            )?,
+                        });
+                    }
+                }
+                None => Stats::add(&self.engine.stats.outcomes_unknown_predecessor),
+            },
+            Predecessor::First => {}
+            Predecessor::NotOnPath => Stats::add(&self.engine.stats.outcomes_not_on_path),
+        }
+
+        let Ok(permit) = self.engine.outcome_slots.clone().try_acquire_owned() else {
+            Stats::add(&self.engine.stats.outcomes_queue_full);
+            let retry = [(
+                http::header::RETRY_AFTER.as_str(),
+                HeaderValue::from_static("1"),
+            )];
+            let r = Reject::new(
+                503,
+                "outcome_queue_full",
+                "outcome relay queue is full; retry later",
+            );
+            return Self::respond_with(session, ctx, 503, Some(r.body()), &retry).await;
+        };
+        Stats::add(&self.engine.stats.outcomes_accepted);
+        let engine = self.engine.clone();
+        let retries = t.table.hub.outcome_retries;
+        let backoff = t.table.hub.retry_backoff;
+        tokio::spawn(async move {
+            futures::future::join_all(
+                dests
+                    .iter()
+                    .map(|d| deliver_outcome(&engine, d, &body, retries, backoff)),
+            )
+            .await;
+            drop(permit);
+        });
+        Self::respond(session, ctx, 202, None).await
+    }
+}
+
+/// At least once, bounded: retries connect errors, timeouts and 5xx with doubling backoff.
+async fn deliver_outcome(
+    engine: &Engine,
+    d: &Destination,
+    body: &Bytes,
+    retries: u32,
+    mut backoff: Duration,
+) {
+    let mut attempt = 0;
+    loop {
+        match engine
+            .deliverer
+            .deliver(&d.peer, &d.head, body, OUTCOME_TIMEOUT)
+            .await
+        {
+            Ok(_) => {
+                Stats::add(&engine.stats.outcome_deliveries_ok);
+                return;
+            }
+            Err(f) if f.retryable() && attempt < retries => {
+                attempt += 1;
+                tokio::time::sleep(backoff).await;
+                backoff = backoff.saturating_mul(2);
+            }
+            Err(f) => {
+                Stats::add(&engine.stats.outcome_deliveries_failed);
+                log::warn!(
+                    "outcome delivery to {} dropped after {} attempts: {f}",
+                    d.label,
+                    attempt + 1
+                );
+                return;
+            }
+        }
+    }
+}
