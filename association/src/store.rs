@@ -1,0 +1,532 @@
+//! The durable store behind the [`SignalStore`] trait, and its SQLite implementation (WAL,
+//! `synchronous=FULL`). A PostgreSQL-wire backend can implement the same trait.
+//!
+//! [`SignalStore::apply_batch`] is the group commit: every signal of a batch is checked and
+//! written inside **one** transaction, together with any confirmation it triggers; the caller
+//! answers the requests only after it returned `Ok`, i.e. after the commit is durable.
+
+use multihub_protocol::signal::Stage;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde::Serialize;
+use std::path::Path;
+use thiserror::Error;
+
+use crate::config::Policies;
+use crate::policy::OpSignals;
+
+/// A store failure (the request is answered 503 and nothing of its batch is recorded).
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// A verified signal on its way into the store.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub operation: String,
+    pub provider: String,
+    pub stage: Stage,
+    /// The `x-hub-route` the provider passed along, if any (selects a per-route policy).
+    pub route: Option<String>,
+    /// The exact bytes received.
+    pub bytes: bytes::Bytes,
+    /// sha256 of `bytes`.
+    pub digest: [u8; 32],
+}
+
+/// What the store did with one signal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// Recorded now (201); `confirmation` when this signal made the policy hold first.
+    Created {
+        seq: i64,
+        confirmation: Option<Confirmation>,
+    },
+    /// The same bytes were already recorded (200).
+    Duplicate { seq: i64 },
+    /// A different signal is recorded for the same (operation, provider, stage) (409).
+    Conflict { seq: i64 },
+    /// The operation is already recorded under a different route (409).
+    RouteConflict { route: String },
+}
+
+/// A confirmation record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Confirmation {
+    pub seq: i64,
+    pub operation: String,
+    pub linkage: String,
+    pub providers: Vec<String>,
+    pub policy: String,
+    /// The signal whose arrival made the policy hold.
+    pub signal_seq: i64,
+    pub confirmed_at_ms: i64,
+}
+
+/// A stored signal row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSignal {
+    pub seq: i64,
+    pub operation: String,
+    pub provider: String,
+    pub stage: Stage,
+    pub route: Option<String>,
+    pub digest: Vec<u8>,
+    pub bytes: Vec<u8>,
+    pub received_at_ms: i64,
+}
+
+/// Durable storage of signals and confirmations.
+pub trait SignalStore: Send {
+    /// Checks and records a batch in one transaction (see the module doc); one result per input,
+    /// in order. On `Err` nothing of the batch is recorded.
+    fn apply_batch(
+        &mut self,
+        batch: &[Incoming],
+        policies: &Policies,
+        now_ms: i64,
+    ) -> Result<Vec<Applied>, StoreError>;
+    /// Every signal of an operation, in arrival order.
+    fn signals_of(&mut self, operation: &str) -> Result<Vec<StoredSignal>, StoreError>;
+    /// The confirmation of an operation, if any.
+    fn confirmation_of(&mut self, operation: &str) -> Result<Option<Confirmation>, StoreError>;
+    /// Confirmations with `seq > after`, ascending, at most `limit`.
+    fn confirmations_after(
+        &mut self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Confirmation>, StoreError>;
+    /// Signals with `seq > after`, ascending, at most `limit` (for the offline check).
+    fn signals_after(&mut self, after: i64, limit: usize) -> Result<Vec<StoredSignal>, StoreError>;
+    /// (number of signals, number of confirmations).
+    fn counts(&mut self) -> Result<(i64, i64), StoreError>;
+    /// The highest confirmation seq (0 when none).
+    fn last_confirmation_seq(&mut self) -> Result<i64, StoreError>;
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS signals (
+    seq            INTEGER PRIMARY KEY,
+    operation      TEXT NOT NULL,
+    provider       TEXT NOT NULL,
+    stage          TEXT NOT NULL,
+    route          TEXT,
+    digest         BLOB NOT NULL,
+    bytes          BLOB NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    UNIQUE (operation, provider, stage)
+);
+CREATE TABLE IF NOT EXISTS confirmations (
+    seq             INTEGER PRIMARY KEY,
+    operation       TEXT NOT NULL UNIQUE,
+    linkage         TEXT NOT NULL,
+    providers       TEXT NOT NULL,
+    policy          TEXT NOT NULL,
+    signal_seq      INTEGER NOT NULL,
+    confirmed_at_ms INTEGER NOT NULL
+);
+";
+
+/// SQLite implementation.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+fn stage_of(s: &str) -> Result<Stage, StoreError> {
+    match s {
+        "START" => Ok(Stage::Start),
+        "COMPLETE" => Ok(Stage::Complete),
+        other => Err(StoreError::Corrupt(format!("stage {other:?}"))),
+    }
+}
+
+fn signal_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(StoredSignal, String)> {
+    let stage: String = r.get(3)?;
+    Ok((
+        StoredSignal {
+            seq: r.get(0)?,
+            operation: r.get(1)?,
+            provider: r.get(2)?,
+            stage: Stage::Start,
+            route: r.get(4)?,
+            digest: r.get(5)?,
+            bytes: r.get(6)?,
+            received_at_ms: r.get(7)?,
+        },
+        stage,
+    ))
+}
+
+fn fix_stage(v: Vec<(StoredSignal, String)>) -> Result<Vec<StoredSignal>, StoreError> {
+    v.into_iter()
+        .map(|(mut s, st)| {
+            s.stage = stage_of(&st)?;
+            Ok(s)
+        })
+        .collect()
+}
+
+fn confirmation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Confirmation, String)> {
+    let providers: String = r.get(3)?;
+    Ok((
+        Confirmation {
+            seq: r.get(0)?,
+            operation: r.get(1)?,
+            linkage: r.get(2)?,
+            providers: Vec::new(),
+            policy: r.get(4)?,
+            signal_seq: r.get(5)?,
+            confirmed_at_ms: r.get(6)?,
+        },
+        providers,
+    ))
+}
+
+fn fix_providers(v: Vec<(Confirmation, String)>) -> Result<Vec<Confirmation>, StoreError> {
+    v.into_iter()
+        .map(|(mut c, p)| {
+            c.providers = serde_json::from_str(&p)
+                .map_err(|e| StoreError::Corrupt(format!("providers {p:?}: {e}")))?;
+            Ok(c)
+        })
+        .collect()
+}
+
+const SIGNAL_COLS: &str = "seq, operation, provider, stage, route, digest, bytes, received_at_ms";
+const CONF_COLS: &str = "seq, operation, linkage, providers, policy, signal_seq, confirmed_at_ms";
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store for writing: WAL, `synchronous=FULL`.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        conn.set_prepared_statement_cache_capacity(32);
+        Ok(SqliteStore { conn })
+    }
+
+    /// Opens an existing store read-only (readers and the offline check).
+    pub fn open_read_only(path: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(SqliteStore { conn })
+    }
+
+    fn apply_one(
+        tx: &rusqlite::Transaction<'_>,
+        s: &Incoming,
+        policies: &Policies,
+        now_ms: i64,
+    ) -> Result<Applied, StoreError> {
+        let mut sel = tx.prepare_cached(
+            "SELECT seq, provider, stage, route, digest FROM signals WHERE operation = ?1 ORDER BY seq",
+        )?;
+        let rows = sel
+            .query_map([&s.operation], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut op = OpSignals::default();
+        let mut route: Option<String> = None;
+        for (seq, provider, stage, r, digest) in rows {
+            let stage = stage_of(&stage)?;
+            if provider == s.provider && stage == s.stage {
+                return Ok(if digest[..] == s.digest[..] {
+                    Applied::Duplicate { seq }
+                } else {
+                    Applied::Conflict { seq }
+                });
+            }
+            if route.is_none() {
+                route = r;
+            }
+            let d: [u8; 32] = digest
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("digest length".into()))?;
+            op.entries.push((provider, stage, d));
+        }
+        if let (Some(have), Some(want)) = (&route, &s.route) {
+            if have != want {
+                return Ok(Applied::RouteConflict {
+                    route: have.clone(),
+                });
+            }
+        }
+        if route.is_none() {
+            route = s.route.clone();
+        }
+        let mut ins = tx.prepare_cached(
+            "INSERT INTO signals (operation, provider, stage, route, digest, bytes, received_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        ins.execute(params![
+            s.operation,
+            s.provider,
+            s.stage.as_str(),
+            s.route,
+            &s.digest[..],
+            &s.bytes[..],
+            now_ms
+        ])?;
+        let seq = tx.last_insert_rowid();
+        op.entries.push((s.provider.clone(), s.stage, s.digest));
+        let (policy, name) = policies.for_route(route.as_deref());
+        let mut confirmation = None;
+        if let Some(providers) = policy.holds(&op) {
+            let linkage = op.linkage();
+            let providers_json = serde_json::to_string(&providers)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let policy_name = name.to_string();
+            let mut c = tx.prepare_cached(
+                "INSERT INTO confirmations (operation, linkage, providers, policy, signal_seq, confirmed_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (operation) DO NOTHING",
+            )?;
+            let n = c.execute(params![
+                s.operation,
+                linkage,
+                providers_json,
+                policy_name,
+                seq,
+                now_ms
+            ])?;
+            if n == 1 {
+                confirmation = Some(Confirmation {
+                    seq: tx.last_insert_rowid(),
+                    operation: s.operation.clone(),
+                    linkage,
+                    providers,
+                    policy: policy_name,
+                    signal_seq: seq,
+                    confirmed_at_ms: now_ms,
+                });
+            }
+        }
+        Ok(Applied::Created { seq, confirmation })
+    }
+}
+
+impl SignalStore for SqliteStore {
+    fn apply_batch(
+        &mut self,
+        batch: &[Incoming],
+        policies: &Policies,
+        now_ms: i64,
+    ) -> Result<Vec<Applied>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut out = Vec::with_capacity(batch.len());
+        for s in batch {
+            out.push(Self::apply_one(&tx, s, policies, now_ms)?);
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn signals_of(&mut self, operation: &str) -> Result<Vec<StoredSignal>, StoreError> {
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {SIGNAL_COLS} FROM signals WHERE operation = ?1 ORDER BY seq"
+        ))?;
+        let v = st
+            .query_map([operation], signal_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        fix_stage(v)
+    }
+
+    fn confirmation_of(&mut self, operation: &str) -> Result<Option<Confirmation>, StoreError> {
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {CONF_COLS} FROM confirmations WHERE operation = ?1"
+        ))?;
+        let v = st.query_row([operation], confirmation_row).optional()?;
+        Ok(fix_providers(v.into_iter().collect())?.pop())
+    }
+
+    fn confirmations_after(
+        &mut self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Confirmation>, StoreError> {
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {CONF_COLS} FROM confirmations WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+        ))?;
+        let v = st
+            .query_map(params![after, limit as i64], confirmation_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        fix_providers(v)
+    }
+
+    fn signals_after(&mut self, after: i64, limit: usize) -> Result<Vec<StoredSignal>, StoreError> {
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {SIGNAL_COLS} FROM signals WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+        ))?;
+        let v = st
+            .query_map(params![after, limit as i64], signal_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        fix_stage(v)
+    }
+
+    fn counts(&mut self) -> Result<(i64, i64), StoreError> {
+        let s = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM signals", [], |r| r.get(0))?;
+        let c = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM confirmations", [], |r| r.get(0))?;
+        Ok((s, c))
+    }
+
+    fn last_confirmation_seq(&mut self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM confirmations", [], |r| {
+                r.get(0)
+            })?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{digest, Policy};
+    use std::collections::HashMap;
+
+    fn policies(p: Policy) -> Policies {
+        Policies {
+            default: p,
+            routes: HashMap::from([("r1".to_string(), Policy::Quorum(1))]),
+        }
+    }
+
+    fn inc(op: &str, provider: &str, stage: Stage, body: &str) -> Incoming {
+        Incoming {
+            operation: op.into(),
+            provider: provider.into(),
+            stage,
+            route: None,
+            bytes: bytes::Bytes::copy_from_slice(body.as_bytes()),
+            digest: digest(body.as_bytes()),
+        }
+    }
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "assoc-store-{name}-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let _ = std::fs::create_dir_all(&d);
+        d.join("s.db")
+    }
+
+    #[test]
+    fn created_duplicate_conflict_and_exactly_once_confirmation() {
+        let path = tmp("a");
+        let mut st = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let pol = policies(Policy::AllOf(vec!["a".into(), "b".into()]));
+        let batch = vec![
+            inc("op", "a", Stage::Complete, "ac"),
+            inc("op", "a", Stage::Complete, "ac"),
+            inc("op", "a", Stage::Complete, "ac2"),
+            inc("op", "a", Stage::Start, "as"),
+            inc("op", "b", Stage::Start, "bs"),
+        ];
+        let r = st
+            .apply_batch(&batch, &pol, 1)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            r[0],
+            Applied::Created {
+                seq: 1,
+                confirmation: None
+            }
+        ));
+        assert_eq!(r[1], Applied::Duplicate { seq: 1 });
+        assert_eq!(r[2], Applied::Conflict { seq: 1 });
+        assert_eq!(st.counts().ok(), Some((3, 0)));
+        let r = st
+            .apply_batch(
+                &[
+                    inc("op", "b", Stage::Complete, "bc"),
+                    inc("op", "c", Stage::Start, "cs"),
+                ],
+                &pol,
+                2,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Applied::Created {
+            seq,
+            confirmation: Some(c),
+        } = &r[0]
+        else {
+            panic!("{r:?}")
+        };
+        assert_eq!(c.providers, vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(c.signal_seq, *seq);
+        assert_eq!(c.policy, "default");
+        assert!(matches!(
+            r[1],
+            Applied::Created {
+                confirmation: None,
+                ..
+            }
+        ));
+        let sigs = st.signals_of("op").unwrap_or_default();
+        assert_eq!(sigs.len(), 5);
+        assert_eq!(sigs[0].bytes, b"ac");
+        // The confirmation linkage covers the four signals present when it fired.
+        let want = multihub_protocol::signal::linkage(
+            sigs[..4]
+                .iter()
+                .map(|s| (s.provider.as_str(), s.stage, &s.bytes[..])),
+        );
+        assert_eq!(c.linkage, want);
+        assert_eq!(st.confirmation_of("op").ok().flatten().as_ref(), Some(c));
+        assert_eq!(st.confirmations_after(0, 10).ok().map(|v| v.len()), Some(1));
+        assert_eq!(
+            st.confirmations_after(c.seq, 10).ok().map(|v| v.len()),
+            Some(0)
+        );
+        // Reopen read-only: everything is there.
+        drop(st);
+        let mut ro = SqliteStore::open_read_only(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ro.counts().ok(), Some((5, 1)));
+        assert_eq!(ro.signals_after(2, 100).ok().map(|v| v.len()), Some(3));
+    }
+
+    #[test]
+    fn routes_select_policies_and_cannot_change() {
+        let path = tmp("b");
+        let mut st = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let pol = policies(Policy::AllOf(vec!["a".into(), "b".into()]));
+        let mut s1 = inc("op", "a", Stage::Start, "as");
+        s1.route = Some("r1".into());
+        let mut s2 = inc("op", "a", Stage::Complete, "ac");
+        s2.route = Some("r2".into());
+        let s3 = inc("op", "a", Stage::Complete, "ac");
+        let r = st
+            .apply_batch(&[s1, s2, s3], &pol, 1)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r[1], Applied::RouteConflict { route: "r1".into() });
+        let Applied::Created {
+            confirmation: Some(c),
+            ..
+        } = &r[2]
+        else {
+            panic!("{r:?}")
+        };
+        assert_eq!(c.policy, "route:r1");
+        assert_eq!(c.providers, vec!["a".to_string()]);
+    }
+}
