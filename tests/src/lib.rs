@@ -1,6 +1,7 @@
 //! Test harness: real `multihub-*` processes and in-process recording upstreams, all on
 //! 127.0.0.1 with ephemeral ports; readiness is polled with a deadline, never slept for.
 
+pub mod association;
 pub mod http;
 pub mod procs;
 pub mod recorder;
