@@ -9,7 +9,10 @@ use pingora_http::RequestHeader;
 use tokio::sync::Semaphore;
 
 use crate::deliver::Failure;
-use crate::state::{Engine, HubTable, Stats};
+use crate::metrics::DropReason;
+use crate::state::{Engine, HubTable};
+use multihub_filters::UpstreamKind;
+use std::time::Instant;
 
 /// One delivery outcome: upstream index and result (a 2xx status on success).
 pub type Outcome = (usize, std::result::Result<u16, Failure>);
@@ -46,6 +49,8 @@ pub fn head_at(
 /// One request's deliveries: everything but the upstream index.
 pub struct Job<'a> {
     pub engine: &'a Engine,
+    /// Route id (metric label).
+    pub route: &'a str,
     pub t: &'a HubTable,
     pub base: &'a RequestHeader,
     pub body: &'a Bytes,
@@ -74,7 +79,8 @@ impl Job<'_> {
             match self.slots.try_acquire() {
                 Ok(p) => p,
                 Err(_) => {
-                    Stats::add(&engine.stats.dropped_in_flight_full);
+                    engine.metrics.drop(DropReason::InFlightFull);
+                    self.record(i, up, &Err(Failure::InFlightFull));
                     return (i, Err(Failure::InFlightFull));
                 }
             }
@@ -83,6 +89,7 @@ impl Job<'_> {
             Ok(h) => h,
             Err(e) => return (i, Err(Failure::Broken(e.to_string()))),
         };
+        let started = Instant::now();
         let mut backoff = t.table.hub.retry_backoff;
         let mut attempt = 0;
         let result = loop {
@@ -101,16 +108,27 @@ impl Job<'_> {
             }
         };
         drop(permit);
-        match &result {
-            Ok(_) => Stats::add(&engine.stats.deliveries_ok),
-            Err(_) => {
-                Stats::add(&engine.stats.deliveries_failed);
-                if self.retries > 0 {
-                    Stats::add(&engine.stats.dropped_retries_exhausted);
-                }
-            }
+        if let Some(h) = t.delivery_duration.get(i) {
+            h.observe(started.elapsed().as_secs_f64());
         }
+        if result.is_err() && self.retries > 0 {
+            engine.metrics.drop(DropReason::RetriesExhausted);
+        }
+        self.record(i, up, &result);
         (i, result)
+    }
+
+    /// `hub_deliveries_total` (and `hub_relays_total` for peers).
+    fn record(&self, _i: usize, up: &Upstream, r: &std::result::Result<u16, Failure>) {
+        let m = &self.engine.metrics;
+        let result = match r {
+            Ok(_) => "ok",
+            Err(f) => f.reason(),
+        };
+        m.deliveries.with_label_values(&[self.route, up.id.as_str(), result]).inc();
+        if up.kind == UpstreamKind::Peer {
+            m.relays.with_label_values(&[up.id.as_str(), if r.is_ok() { "ok" } else { "failed" }]).inc();
+        }
     }
 
     /// Delivers to every upstream in `list` (targets, then relays), in parallel or in sequence.
@@ -124,7 +142,10 @@ impl Job<'_> {
                 let mut broken = false;
                 for &i in list {
                     if broken {
-                        Stats::add(&self.engine.stats.dropped_skipped);
+                        self.engine.metrics.drop(DropReason::SequenceBroken);
+                        if let Some(up) = self.t.table.upstream(i) {
+                            self.record(i, up, &Err(Failure::Skipped));
+                        }
                         out.push((i, Err(Failure::Skipped)));
                         continue;
                     }

@@ -18,12 +18,15 @@ use pingora_proxy::{ProxyHttp, Session};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::state::{Engine, HubTable, Stats, Tables};
+use crate::access::{AccessLog, AccessRecord};
+use crate::state::{Busy, Engine, HubTable, Tables};
 
 /// The hub service.
 pub struct Hub {
     pub tables: Tables,
     pub engine: Arc<Engine>,
+    /// Where access-log lines go; `None` = off.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 /// Per-request scratch.
@@ -36,6 +39,8 @@ pub struct Ctx {
     pub(crate) status: u16,
     pub(crate) delivered: u16,
     pub(crate) failed: u16,
+    /// Counts this request as active until the context is dropped (graceful drain).
+    _busy: Busy,
 }
 
 /// Why the body could not be read.
@@ -58,8 +63,8 @@ impl BodyError {
 }
 
 impl Hub {
-    pub fn new(tables: Tables, engine: Arc<Engine>) -> Self {
-        Hub { tables, engine }
+    pub fn new(tables: Tables, engine: Arc<Engine>, access_log: Option<Arc<AccessLog>>) -> Self {
+        Hub { tables, engine, access_log }
     }
 
     /// Writes a complete response with the request id and route version. `body` is JSON.
@@ -211,8 +216,9 @@ impl Hub {
     fn count_suppressed(engine: &Engine, plan: &Plan) {
         for (_, why) in &plan.relay.suppressed {
             match why {
-                Suppressed::Loop => Stats::add(&engine.stats.relays_suppressed_loop),
-                Suppressed::Hops => Stats::add(&engine.stats.relays_suppressed_hops),
+                Suppressed::Loop | Suppressed::Hops => {
+                    engine.metrics.relays_suppressed.with_label_values(&[why.as_str()]).inc()
+                }
             }
         }
     }
@@ -242,6 +248,7 @@ impl ProxyHttp for Hub {
             status: 0,
             delivered: 0,
             failed: 0,
+            _busy: Busy::request(&self.engine),
         }
     }
 
@@ -310,38 +317,34 @@ impl ProxyHttp for Hub {
         )
     }
 
-    /// Runs last for every request, answered or failed.
-    async fn logging(
-        &self,
-        session: &mut Session,
-        e: Option<&pingora_error::Error>,
-        ctx: &mut Ctx,
-    ) {
+    /// Runs last for every request, answered or failed: metrics and the access log.
+    async fn logging(&self, session: &mut Session, e: Option<&pingora_error::Error>, ctx: &mut Ctx) {
         let status = if ctx.status != 0 {
             ctx.status
         } else {
-            session
-                .response_written()
-                .map(|r| r.status.as_u16())
-                .unwrap_or(0)
+            session.response_written().map(|r| r.status.as_u16()).unwrap_or(0)
         };
-        if let Some(e) = e {
-            log::debug!("request failed: {e}");
+        let elapsed = ctx.started.elapsed();
+        let Some(t) = &ctx.table else { return };
+        let m = match ctx.route.and_then(|r| t.route_metrics.get(r)) {
+            Some(m) => m,
+            None => &t.unrouted_metrics,
+        };
+        m.observe(status, elapsed.as_secs_f64());
+        if let Some(log) = &self.access_log {
+            let route = ctx.route.and_then(|r| t.table.routes.get(r)).map(|r| r.id.as_str()).unwrap_or("");
+            let id = ctx.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
+            log.write(&AccessRecord {
+                request_id: id,
+                route,
+                version: &t.table.version,
+                status,
+                delivered: ctx.delivered,
+                failed: ctx.failed,
+                duration_us: elapsed.as_micros() as u64,
+                error: e.map(|e| e.etype().as_str()),
+            });
         }
-        log::debug!(
-            "request_id={} route={} status={} delivered={} failed={} duration_us={}",
-            ctx.request_id
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-"),
-            ctx.route
-                .and_then(|r| ctx.table.as_ref().map(|t| t.table.routes[r].id.as_str()))
-                .unwrap_or("-"),
-            status,
-            ctx.delivered,
-            ctx.failed,
-            ctx.started.elapsed().as_micros()
-        );
     }
 }
 

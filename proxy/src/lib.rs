@@ -6,14 +6,19 @@
 //! - [`state`]: the swapped table slot and the delivery engine.
 //! - [`server`]: building and running the Pingora server.
 
+pub mod access;
+pub mod admin;
 pub mod cli;
 pub mod deliver;
 pub mod error;
 pub mod fanout;
 pub mod hub;
+pub mod lifecycle;
 pub mod logger;
+pub mod metrics;
 pub mod modes;
 pub mod outcomes;
+pub mod reload;
 pub mod server;
 pub mod state;
 

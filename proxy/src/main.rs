@@ -1,17 +1,40 @@
 //! `multihub-hub`: parse the command line, load and validate the table, then run or report.
 
 use clap::Parser;
-use multihub_proxy::{cli::Cli, logger, server};
+use multihub_proxy::cli::{Cli, Command, RoutesCmd};
+use multihub_proxy::{logger, reload, server, HubError};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logger::init();
-    let loaded = match server::load(&cli) {
+    match cli.command {
+        Some(Command::Routes { action }) => {
+            let r = match action {
+                RoutesCmd::Activate { routes, version, force } => reload::activate(&routes, &version, force).map(|()| {
+                    println!("activated {version} in {}", routes.display());
+                }),
+                RoutesCmd::List { routes } => reload::list(&routes, &mut std::io::stdout().lock()),
+            };
+            return match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("multihub-hub routes: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        None => {}
+    }
+    let Some(routes) = cli.run.routes.clone() else {
+        eprintln!("multihub-hub: --routes <FILE|DIR> is required (see --help)");
+        return ExitCode::from(2);
+    };
+    let loaded = match server::load(&routes) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("invalid routing table {}:", cli.routes.display());
-            if let multihub_proxy::HubError::Config(c) = &e {
+            eprintln!("invalid routing table {}:", routes.display());
+            if let HubError::Config(c) = &e {
                 for p in c.problems() {
                     eprintln!("  {p}");
                 }
@@ -21,14 +44,14 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if cli.validate {
+    if cli.run.validate {
         let mut out = std::io::stdout().lock();
         return match server::describe(&loaded, &mut out) {
             Ok(()) => ExitCode::SUCCESS,
             Err(_) => ExitCode::from(1),
         };
     }
-    match server::run(&cli, loaded) {
+    match server::run(&cli.run, &routes, loaded) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("multihub-hub: {e}");

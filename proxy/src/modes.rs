@@ -15,7 +15,8 @@ use std::sync::Arc;
 use crate::deliver::{Failure, Fetched};
 use crate::fanout::{head_for, Job, Outcome};
 use crate::hub::{stamp, Ctx, Hub};
-use crate::state::{HubTable, Stats};
+use crate::metrics::DropReason;
+use crate::state::{Busy, HubTable};
 
 #[derive(Serialize)]
 struct Undelivered<'a> {
@@ -90,12 +91,13 @@ impl Hub {
         match route.delivery {
             Delivery::Async => {
                 ctx.delivered = list.len() as u16;
-                self.spawn_background(t, base, body, list, route.order);
+                self.spawn_background(t, plan.route, base, body, list, route.order);
                 Self::respond(session, ctx, 204, None).await
             }
             Delivery::Confirmed => {
                 let job = Job {
                     engine: &self.engine,
+                    route: &route.id,
                     t,
                     base: &base,
                     body: &body,
@@ -150,6 +152,7 @@ impl Hub {
     fn spawn_background(
         &self,
         t: &Arc<HubTable>,
+        route: usize,
         base: RequestHeader,
         body: Bytes,
         list: Vec<usize>,
@@ -157,9 +160,13 @@ impl Hub {
     ) {
         let engine = self.engine.clone();
         let t = t.clone();
+        let busy = Busy::background(&engine);
         tokio::spawn(async move {
+            let _busy = busy;
+            let route = t.table.routes.get(route).map(|r| r.id.as_str()).unwrap_or("");
             let job = Job {
                 engine: &engine,
+                route,
                 t: &t,
                 base: &base,
                 body: &body,
@@ -196,7 +203,7 @@ impl Hub {
         if !copies.is_empty() {
             if body.len() as u64 > route.copy_max_body_bytes {
                 for _ in &copies {
-                    Stats::add(&self.engine.stats.copies_skipped_body);
+                    self.engine.metrics.drop(DropReason::CopyTooLarge);
                 }
             } else {
                 self.spawn_copies(t, plan.route, &base, &body, copies);
@@ -289,12 +296,15 @@ impl Hub {
         let t = t.clone();
         let base = base.clone();
         let body = body.clone();
+        let busy = Busy::background(&engine);
         tokio::spawn(async move {
-            let Some(slots) = t.copy_slots.get(route) else {
+            let _busy = busy;
+            let (Some(slots), Some(r)) = (t.copy_slots.get(route), t.table.routes.get(route)) else {
                 return;
             };
             let job = Job {
                 engine: &engine,
+                route: &r.id,
                 t: &t,
                 base: &base,
                 body: &body,

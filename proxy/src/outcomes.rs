@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::hub::{Ctx, Hub};
-use crate::state::{Engine, HubTable, Stats};
+use crate::state::{Busy, Engine, HubTable};
 
 /// Timeout of one outcome delivery attempt.
 const OUTCOME_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,7 +66,7 @@ impl Hub {
         let h = match outcome_headers(&req.headers) {
             Ok(h) => h,
             Err(r) => {
-                Stats::add(&self.engine.stats.outcomes_rejected);
+                self.engine.metrics.outcomes.with_label_values(&["rejected"]).inc();
                 return Self::reject(session, ctx, r).await;
             }
         };
@@ -76,7 +76,7 @@ impl Hub {
         let body = match Self::read_body(session, max).await {
             Ok(b) => b,
             Err(e) => {
-                Stats::add(&self.engine.stats.outcomes_rejected);
+                self.engine.metrics.outcomes.with_label_values(&["rejected"]).inc();
                 return Self::reject(session, ctx, e.reject(max)).await;
             }
         };
@@ -122,14 +122,14 @@ impl Hub {
                         });
                     }
                 }
-                None => Stats::add(&self.engine.stats.outcomes_unknown_predecessor),
+                None => self.engine.metrics.outcomes.with_label_values(&["unknown_predecessor"]).inc(),
             },
             Predecessor::First => {}
-            Predecessor::NotOnPath => Stats::add(&self.engine.stats.outcomes_not_on_path),
+            Predecessor::NotOnPath => self.engine.metrics.outcomes.with_label_values(&["not_on_path"]).inc(),
         }
 
         let Ok(permit) = self.engine.outcome_slots.clone().try_acquire_owned() else {
-            Stats::add(&self.engine.stats.outcomes_queue_full);
+            self.engine.metrics.outcomes.with_label_values(&["queue_full"]).inc();
             let retry = [(
                 http::header::RETRY_AFTER.as_str(),
                 HeaderValue::from_static("1"),
@@ -141,11 +141,13 @@ impl Hub {
             );
             return Self::respond_with(session, ctx, 503, Some(r.body()), &retry).await;
         };
-        Stats::add(&self.engine.stats.outcomes_accepted);
+        self.engine.metrics.outcomes.with_label_values(&["accepted"]).inc();
         let engine = self.engine.clone();
         let retries = t.table.hub.outcome_retries;
         let backoff = t.table.hub.retry_backoff;
+        let busy = Busy::background(&engine);
         tokio::spawn(async move {
+            let _busy = busy;
             futures::future::join_all(
                 dests
                     .iter()
@@ -174,7 +176,7 @@ async fn deliver_outcome(
             .await
         {
             Ok(_) => {
-                Stats::add(&engine.stats.outcome_deliveries_ok);
+                engine.metrics.outcome_deliveries.with_label_values(&[&d.label, "ok"]).inc();
                 return;
             }
             Err(f) if f.retryable() && attempt < retries => {
@@ -183,7 +185,7 @@ async fn deliver_outcome(
                 backoff = backoff.saturating_mul(2);
             }
             Err(f) => {
-                Stats::add(&engine.stats.outcome_deliveries_failed);
+                engine.metrics.outcome_deliveries.with_label_values(&[&d.label, "failed"]).inc();
                 log::warn!(
                     "outcome delivery to {} dropped after {} attempts: {f}",
                     d.label,

@@ -1,29 +1,32 @@
-//! Validating a table, and building and running the Pingora server.
+//! Validating a table, and building and running the Pingora server: the proxy listener, the
+//! admin listener, the table reloader and the lifecycle (readiness, graceful drain).
 
 use arc_swap::ArcSwap;
 use multihub_filters::source::{self, Loaded};
+use pingora_core::apps::http_app::HttpServer;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server};
+use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
 use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
-use tokio::sync::Semaphore;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::cli::Cli;
-use crate::deliver::Deliverer;
+use crate::access::AccessLog;
+use crate::admin::Admin;
+use crate::cli::RunOpts;
 use crate::hub::Hub;
-use crate::state::{Engine, HubTable, Stats};
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+use crate::reload::Reloader;
+use crate::state::{Engine, HubTable};
 use crate::HubError;
 
 /// Writes the summary `--validate` prints for a valid table: the version, then one line per route.
 pub fn describe(loaded: &Loaded, out: &mut impl Write) -> std::io::Result<()> {
     let t = &loaded.table;
-    writeln!(
-        out,
-        "ok: version {} ({}, sha256 {})",
-        t.version,
-        loaded.file.display(),
-        loaded.sha256
-    )?;
+    writeln!(out, "ok: version {} ({}, sha256 {})", t.version, loaded.file.display(), loaded.sha256)?;
     for r in &t.routes {
         let names = |ids: &[usize]| {
             ids.iter()
@@ -34,11 +37,7 @@ pub fn describe(loaded: &Loaded, out: &mut impl Write) -> std::io::Result<()> {
         let methods = if r.methods.is_empty() {
             "*".to_string()
         } else {
-            r.methods
-                .iter()
-                .map(|m| m.as_str())
-                .collect::<Vec<_>>()
-                .join(",")
+            r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
         };
         writeln!(
             out,
@@ -56,41 +55,83 @@ pub fn describe(loaded: &Loaded, out: &mut impl Write) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Loads and validates the table named on the command line.
-pub fn load(cli: &Cli) -> Result<Loaded, HubError> {
-    Ok(source::load(&cli.routes)?)
+/// Loads and validates a table.
+pub fn load(routes: &Path) -> Result<Loaded, HubError> {
+    Ok(source::load(routes)?)
 }
 
-/// Builds the server and runs it until a shutdown signal (SIGTERM graceful, SIGINT fast).
-pub fn run(cli: &Cli, loaded: Loaded) -> Result<(), HubError> {
-    if cli.threads == 0 {
+/// Builds the server and runs it until shutdown (SIGTERM graceful, SIGINT fast, SIGQUIT upgrade).
+pub fn run(opts: &RunOpts, routes: &Path, loaded: Loaded) -> Result<(), HubError> {
+    if opts.threads == 0 {
         return Err(HubError::Usage("--threads must be at least 1".into()));
     }
-    let max_in_flight = loaded.table.hub.max_in_flight;
-    let outcome_queue = loaded.table.hub.outcome_queue;
+    let access_log = match opts.access_log.as_str() {
+        "off" => None,
+        target => Some(Arc::new(
+            AccessLog::open(target).map_err(|e| HubError::Usage(format!("--access-log {target}: {e}")))?,
+        )),
+    };
+    let metrics = Metrics::new().map_err(|e| HubError::Server(format!("metrics: {e}")))?;
+    let engine = Arc::new(Engine::new(metrics, loaded.table.hub.max_in_flight, loaded.table.hub.outcome_queue));
+    let version = loaded.table.version.clone();
+    let tables = Arc::new(ArcSwap::from_pointee(HubTable::new(loaded, &engine.metrics)));
+    let m = &engine.metrics;
+    m.reloads.with_label_values(&["ok"]).inc();
+    m.active_info.with_label_values(&[&version]).set(1);
+    m.last_reload_success.set(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0));
+
     let conf = ServerConf {
-        threads: cli.threads,
-        grace_period_seconds: Some(cli.grace_period),
-        graceful_shutdown_timeout_seconds: Some(cli.grace_period.max(1)),
+        threads: opts.threads,
+        // Our lifecycle service exits as soon as the drain completes; Pingora's fixed grace
+        // sleep is only the backstop.
+        grace_period_seconds: Some(opts.grace_period + 1),
+        graceful_shutdown_timeout_seconds: Some(1),
         upstream_keepalive_pool_size: 1024,
+        upgrade_sock: opts.upgrade_sock(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    let opt = Opt {
+        upgrade: opts.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let tables = Arc::new(ArcSwap::from_pointee(HubTable::new(loaded)));
-    let engine = Arc::new(Engine {
-        deliverer: Deliverer::new(1024),
-        in_flight: Arc::new(Semaphore::new(max_in_flight)),
-        outcome_slots: Arc::new(Semaphore::new(outcome_queue)),
-        stats: Stats::default(),
-    });
-    let hub = Hub::new(tables, engine);
+    let hub = Hub::new(tables.clone(), engine.clone(), access_log.clone());
     let mut svc = pingora_proxy::http_proxy_service(&server.configuration, hub);
-    svc.threads = Some(cli.threads);
-    svc.add_tcp(&cli.listen);
+    svc.threads = Some(opts.threads);
+    svc.add_tcp(&opts.listen);
     server.add_service(svc);
-    log::info!("multihub-hub listening on {}", cli.listen);
+
+    let mut admin = Service::new(
+        "multihub admin".to_string(),
+        HttpServer::new_app(Admin {
+            tables: tables.clone(),
+            engine: engine.clone(),
+        }),
+    );
+    admin.threads = Some(1);
+    admin.add_tcp(&opts.admin);
+    server.add_service(admin);
+
+    server.add_service(background_service(
+        "routing table reloader",
+        Reloader {
+            routes: routes.to_path_buf(),
+            tables,
+            engine: engine.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "lifecycle",
+        Lifecycle {
+            engine,
+            listen: opts.listen.clone(),
+            grace: Duration::from_secs(opts.grace_period),
+            access_log,
+        },
+    ));
+    log::info!("multihub-hub {version}: proxy {} admin {}", opts.listen, opts.admin);
     server.run(RunArgs::default());
     Ok(())
 }

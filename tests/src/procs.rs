@@ -87,38 +87,27 @@ pub struct HubProc {
     child: Child,
     pub addr: String,
     pub port: u16,
+    /// Admin listener address.
+    pub admin: String,
     log: PathBuf,
     _dir: TempDir,
 }
 
+/// Sends a signal (`TERM`, `QUIT`, `HUP`, `KILL`, ...) to a process.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args(["-s", sig, &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill -s {sig} {pid} failed");
+}
+
 impl HubProc {
-    /// Starts a hub on `port` with `--routes routes` plus `extra` arguments and waits until it
-    /// accepts connections (deadline 60 s).
+    /// Starts a hub on `port` (admin on a fresh port) with `--routes routes` plus `extra`
+    /// arguments and waits until `/readyz` answers 200 (deadline 60 s).
     pub async fn start_on(port: u16, routes: &Path, extra: &[&str]) -> HubProc {
-        let dir = TempDir::new("hub");
-        let log = dir.path().join("hub.log");
-        let out = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
-        let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
-        let addr = format!("127.0.0.1:{port}");
-        let mut cmd = Command::new(bin_path("multihub-hub"));
-        cmd.arg("--routes")
-            .arg(routes)
-            .args(["--listen", &addr])
-            .args(extra)
-            .env("MULTIHUB_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn multihub-hub: {e}"));
-        let mut hub = HubProc {
-            child,
-            addr,
-            port,
-            log,
-            _dir: dir,
-        };
+        let mut hub = Self::spawn(port, free_port(), routes, extra);
         hub.wait_ready().await;
         hub
     }
@@ -128,24 +117,60 @@ impl HubProc {
         Self::start_on(free_port(), routes, extra).await
     }
 
-    async fn wait_ready(&mut self) {
+    /// Spawns without waiting for readiness.
+    pub fn spawn(port: u16, admin_port: u16, routes: &Path, extra: &[&str]) -> HubProc {
+        let dir = TempDir::new("hub");
+        let log = dir.path().join("hub.log");
+        let out = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+        let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
+        let addr = format!("127.0.0.1:{port}");
+        let admin = format!("127.0.0.1:{admin_port}");
+        let mut cmd = Command::new(bin_path("multihub-hub"));
+        cmd.arg("--routes")
+            .arg(routes)
+            .args(["--listen", &addr, "--admin", &admin])
+            .args(extra)
+            .env("MULTIHUB_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn multihub-hub: {e}"));
+        HubProc { child, addr, port, admin, log, _dir: dir }
+    }
+
+    /// Polls `/readyz` until 200.
+    pub async fn wait_ready(&mut self) {
         let end = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(st)) = self.child.try_wait() {
                 panic!("multihub-hub exited early ({st}):\n{}", self.logs());
             }
-            if tokio::net::TcpStream::connect(&self.addr).await.is_ok() {
+            if crate::http::request(&self.admin, "GET", "/readyz", &[], b"").await.map(|r| r.status).unwrap_or(0) == 200 {
                 return;
             }
             if Instant::now() > end {
-                panic!(
-                    "multihub-hub not ready on {} in time:\n{}",
-                    self.addr,
-                    self.logs()
-                );
+                panic!("multihub-hub not ready on {} in time:\n{}", self.addr, self.logs());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> Option<i32> {
+        let end = Instant::now() + deadline;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        signal(self.child.id(), sig);
     }
 
     /// Everything the hub wrote so far.

@@ -1,0 +1,90 @@
+//! Start-up readiness and graceful shutdown. Pingora stops accepting when SIGTERM (or SIGQUIT,
+//! for an upgrade) arrives; this service then waits until every in-flight request and background
+//! delivery is done, or the grace period is over, reports what was dropped, flushes the access
+//! log and exits 0 — without sitting out the rest of Pingora's fixed grace sleep.
+
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::access::AccessLog;
+use crate::metrics::DropReason;
+use crate::state::Engine;
+
+pub struct Lifecycle {
+    pub engine: Arc<Engine>,
+    pub listen: String,
+    pub grace: Duration,
+    pub access_log: Option<Arc<AccessLog>>,
+}
+
+/// Where to probe our own proxy listener.
+fn probe_addr(listen: &str) -> Option<SocketAddr> {
+    let mut a: SocketAddr = listen.parse().ok()?;
+    if a.ip().is_unspecified() {
+        a.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    Some(a)
+}
+
+#[async_trait]
+impl BackgroundService for Lifecycle {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let e = &self.engine;
+        let probe = probe_addr(&self.listen);
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let mut last_flush = Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => {
+                    if !e.listening.load(Ordering::SeqCst) {
+                        let up = match probe {
+                            Some(a) => tokio::net::TcpStream::connect(a).await.is_ok(),
+                            None => true,
+                        };
+                        if up {
+                            e.listening.store(true, Ordering::SeqCst);
+                            log::info!("ready: proxy listener {} is up", self.listen);
+                        }
+                    }
+                    if last_flush.elapsed() >= Duration::from_secs(1) {
+                        if let Some(l) = &self.access_log { l.flush(); }
+                        last_flush = Instant::now();
+                    }
+                }
+            }
+        }
+        e.draining.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + self.grace;
+        log::info!(
+            "graceful shutdown: not accepting; draining {} requests and {} background deliveries (grace {:?})",
+            e.active_requests.load(Ordering::SeqCst),
+            e.background.load(Ordering::SeqCst),
+            self.grace
+        );
+        loop {
+            let (req, bg) = (e.active_requests.load(Ordering::SeqCst), e.background.load(Ordering::SeqCst));
+            if req == 0 && bg == 0 {
+                log::info!("graceful shutdown: drained, nothing dropped");
+                break;
+            }
+            if Instant::now() >= deadline {
+                for _ in 0..bg {
+                    e.metrics.drop(DropReason::Shutdown);
+                }
+                log::warn!("graceful shutdown: grace period over; dropped {req} requests and {bg} background deliveries");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Some(l) = &self.access_log {
+            l.flush();
+        }
+        std::process::exit(0);
+    }
+}
