@@ -6,6 +6,7 @@
 pub mod hashing;
 pub mod headers;
 pub mod ids;
+pub mod receipt;
 pub mod routes;
 pub mod signal;
 

@@ -1,0 +1,373 @@
+//! Provider receipts and audit entries (DESIGN §5.7): the receipt body, its RFC 8785 canonical
+//! encoding, ed25519 signing and verification, and the hash-chained audit entry.
+//!
+//! A receipt body holds only inputs and the decision derived from them — no clock, sequence or
+//! chain data — so re-running the same intent under the same delegation and policy version
+//! produces byte-identical bytes. Numbers are integers only (I-JSON safe: |n| < 2^53), so the
+//! canonical form is exact.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use thiserror::Error;
+
+use crate::hashing::{hex_into, sha256_hex};
+
+/// Receipt format version.
+pub const RECEIPT_VERSION: u32 = 1;
+
+/// The largest integer magnitude allowed anywhere in signed data (2^53 - 1, I-JSON).
+pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
+/// `prev` of the first audit entry.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Why a receipt or audit entry was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ReceiptError {
+    #[error("malformed receipt: {0}")]
+    Malformed(String),
+    #[error("receipt bytes are not RFC 8785 canonical JSON")]
+    NonCanonical,
+    #[error("unsupported receipt version {0}")]
+    Version(u32),
+    #[error("key_id does not match the verifying key")]
+    KeyId,
+    #[error("signature is not valid base64url of 64 bytes")]
+    SignatureEncoding,
+    #[error("signature does not verify")]
+    BadSignature,
+}
+
+/// The decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Pass,
+    Block,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Block => "block",
+        }
+    }
+}
+
+/// The delegation as the provider saw it when deciding (a snapshot: bounds and revocation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelegationSnapshot {
+    /// Delegation id, or `anonymous` when the request carried none.
+    pub id: String,
+    /// False when the id is not in the registry (then the bounds are empty).
+    pub known: bool,
+    pub revoked: bool,
+    pub ops: Vec<String>,
+    pub targets: Vec<String>,
+    pub max_amount: u64,
+}
+
+/// The policy the decision was taken under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRef {
+    pub id: String,
+    pub version: String,
+    /// Hex sha256 of the policy file bytes.
+    pub sha256: String,
+}
+
+/// Integer scores in basis points (0..=10000).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scores {
+    pub dimensions: BTreeMap<String, u64>,
+    pub total_bp: u64,
+}
+
+/// An operator's decision on an escalated request; an input of the receipt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EscalationDecision {
+    /// `approve` or `deny`.
+    pub decision: String,
+    pub operator: String,
+}
+
+/// The effect committed on the reference ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Effect {
+    /// Ledger account (the intent's target).
+    pub account: String,
+    /// Signed change of the account's balance.
+    pub delta: i64,
+}
+
+/// The signed receipt body. Serialized only through [`ReceiptBody::to_bytes`] (canonical).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptBody {
+    pub v: u32,
+    pub provider: String,
+    pub request_id: String,
+    /// DESIGN §6 operation: hex sha256("multihub-op-v1\n" + request_id + "\n" + request_repr).
+    pub operation: String,
+    pub request_repr: String,
+    /// The intent in canonical form.
+    pub intent: serde_json::Value,
+    /// Hex sha256 of the canonical intent bytes (the idempotency fingerprint).
+    pub intent_sha256: String,
+    pub delegation: DelegationSnapshot,
+    pub policy: PolicyRef,
+    pub verdict: Verdict,
+    /// Ids of the rules that fired, sorted and de-duplicated.
+    pub rules: Vec<String>,
+    pub scores: Scores,
+    pub escalation: Option<EscalationDecision>,
+    pub effect: Option<Effect>,
+}
+
+/// RFC 8785 bytes of a value. Only strings, integers, booleans, arrays and objects reach this.
+pub fn canonical<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json_canonicalizer::to_vec(v).unwrap_or_default()
+}
+
+impl ReceiptBody {
+    /// The canonical bytes: what is signed, hashed and stored.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        canonical(self)
+    }
+
+    /// Parses canonical receipt bytes, refusing unknown fields and non-canonical input.
+    pub fn parse(bytes: &[u8]) -> Result<ReceiptBody, ReceiptError> {
+        let r: ReceiptBody =
+            serde_json::from_slice(bytes).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
+        if r.to_bytes() != bytes {
+            return Err(ReceiptError::NonCanonical);
+        }
+        if r.v != RECEIPT_VERSION {
+            return Err(ReceiptError::Version(r.v));
+        }
+        Ok(r)
+    }
+}
+
+/// Hex sha256 of the receipt body bytes (the COMPLETE boundary, the audit `receipt_sha256`).
+pub fn receipt_sha256(body: &[u8]) -> String {
+    sha256_hex(body)
+}
+
+/// base64url (no padding) ed25519 signature over the body bytes.
+pub fn sign(body: &[u8], key: &SigningKey) -> String {
+    URL_SAFE_NO_PAD.encode(key.sign(body).to_bytes())
+}
+
+/// Verifies `sig` (base64url) over `body` with `key` (`verify_strict`), and that `key_id` names it.
+pub fn verify(
+    body: &[u8],
+    sig: &str,
+    key_id: &str,
+    key: &VerifyingKey,
+) -> Result<(), ReceiptError> {
+    if key_id != crate::signal::key_id(key) {
+        return Err(ReceiptError::KeyId);
+    }
+    let raw = URL_SAFE_NO_PAD
+        .decode(sig.as_bytes())
+        .map_err(|_| ReceiptError::SignatureEncoding)?;
+    let sig = Signature::from_slice(&raw).map_err(|_| ReceiptError::SignatureEncoding)?;
+    key.verify_strict(body, &sig)
+        .map_err(|_| ReceiptError::BadSignature)
+}
+
+/// One hash-chained audit entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub prev: String,
+    pub receipt_sha256: String,
+    pub entry_sha256: String,
+    /// Milliseconds since the Unix epoch when the entry was committed.
+    pub recorded_at: u64,
+}
+
+#[derive(Serialize)]
+struct EntryPre<'a> {
+    seq: u64,
+    prev: &'a str,
+    receipt_sha256: &'a str,
+    recorded_at: u64,
+}
+
+/// `entry_sha256` = hex sha256 of the RFC 8785 bytes of `{seq, prev, receipt_sha256, recorded_at}`.
+pub fn entry_sha256(seq: u64, prev: &str, receipt_sha256: &str, recorded_at: u64) -> String {
+    let bytes = canonical(&EntryPre {
+        seq,
+        prev,
+        receipt_sha256,
+        recorded_at,
+    });
+    let mut s = String::with_capacity(64);
+    hex_into(&mut s, &Sha256::digest(&bytes));
+    s
+}
+
+impl AuditEntry {
+    /// The entry following `prev` (or [`GENESIS`]) for a receipt.
+    pub fn next(seq: u64, prev: &str, receipt_sha256: &str, recorded_at: u64) -> AuditEntry {
+        AuditEntry {
+            seq,
+            prev: prev.to_string(),
+            receipt_sha256: receipt_sha256.to_string(),
+            entry_sha256: entry_sha256(seq, prev, receipt_sha256, recorded_at),
+            recorded_at,
+        }
+    }
+
+    /// True when `entry_sha256` matches the other fields.
+    pub fn self_consistent(&self) -> bool {
+        self.entry_sha256
+            == entry_sha256(self.seq, &self.prev, &self.receipt_sha256, self.recorded_at)
+    }
+}
+
+/// The provider's answer for a receipt, RFC 8785 canonical:
+/// `{"audit":{"entry_sha256","seq"},"key_id","receipt":<body>,"sig"}`. `body` must already be
+/// canonical; it is embedded verbatim.
+pub fn response_bytes(body: &[u8], sig: &str, key_id: &str, seq: u64, entry: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 256);
+    out.extend_from_slice(b"{\"audit\":{\"entry_sha256\":\"");
+    out.extend_from_slice(entry.as_bytes());
+    out.extend_from_slice(b"\",\"seq\":");
+    out.extend_from_slice(seq.to_string().as_bytes());
+    out.extend_from_slice(b"},\"key_id\":\"");
+    out.extend_from_slice(key_id.as_bytes());
+    out.extend_from_slice(b"\",\"receipt\":");
+    out.extend_from_slice(body);
+    out.extend_from_slice(b",\"sig\":\"");
+    out.extend_from_slice(sig.as_bytes());
+    out.extend_from_slice(b"\"}");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hashing::{operation_hex, repr_of};
+    use serde_json::json;
+
+    fn key(n: u8) -> SigningKey {
+        SigningKey::from_bytes(&[n; 32])
+    }
+
+    fn sample() -> ReceiptBody {
+        let intent = json!({"op": "transfer", "target": "acct-1", "amount": 5, "params": {}});
+        let repr = repr_of(b"{}");
+        ReceiptBody {
+            v: RECEIPT_VERSION,
+            provider: "provider-a".into(),
+            request_id: "r1".into(),
+            operation: operation_hex("r1", repr.as_str()),
+            request_repr: repr.as_str().into(),
+            intent_sha256: sha256_hex(&canonical(&intent)),
+            intent,
+            delegation: DelegationSnapshot {
+                id: "d1".into(),
+                known: true,
+                revoked: false,
+                ops: vec!["transfer".into()],
+                targets: vec!["*".into()],
+                max_amount: 100,
+            },
+            policy: PolicyRef {
+                id: "p".into(),
+                version: "1".into(),
+                sha256: "00".into(),
+            },
+            verdict: Verdict::Pass,
+            rules: vec![],
+            scores: Scores::default(),
+            escalation: None,
+            effect: Some(Effect {
+                account: "acct-1".into(),
+                delta: 5,
+            }),
+        }
+    }
+
+    #[test]
+    fn round_trip_sign_verify() {
+        let r = sample();
+        let b = r.to_bytes();
+        assert_eq!(ReceiptBody::parse(&b), Ok(r));
+        let k = key(1);
+        let kid = crate::signal::key_id(&k.verifying_key());
+        let sig = sign(&b, &k);
+        assert_eq!(verify(&b, &sig, &kid, &k.verifying_key()), Ok(()));
+        let mut t = b.clone();
+        t[10] ^= 1;
+        assert_eq!(
+            verify(&t, &sig, &kid, &k.verifying_key()),
+            Err(ReceiptError::BadSignature)
+        );
+        assert_eq!(
+            verify(&b, &sig, &kid, &key(2).verifying_key()),
+            Err(ReceiptError::KeyId)
+        );
+    }
+
+    #[test]
+    fn non_canonical_is_refused() {
+        let b = sample().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
+        let pretty = serde_json::to_vec_pretty(&v).unwrap_or_default();
+        assert_eq!(ReceiptBody::parse(&pretty), Err(ReceiptError::NonCanonical));
+    }
+
+    #[test]
+    fn response_is_canonical_and_chain_links() {
+        let b = sample().to_bytes();
+        let e1 = AuditEntry::next(1, GENESIS, &receipt_sha256(&b), 7);
+        let e2 = AuditEntry::next(2, &e1.entry_sha256, &receipt_sha256(&b), 8);
+        assert!(e1.self_consistent() && e2.self_consistent());
+        let mut bad = e2.clone();
+        bad.recorded_at = 9;
+        assert!(!bad.self_consistent());
+        let resp = response_bytes(&b, "sig", "kid", e1.seq, &e1.entry_sha256);
+        let v: serde_json::Value = serde_json::from_slice(&resp).unwrap_or_default();
+        assert_eq!(canonical(&v), resp);
+        assert_eq!(v["audit"]["seq"], json!(1));
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn receipts_round_trip_canonically(
+                op in "[a-z]{1,12}", target in "[a-z0-9-]{1,16}", amount in 0u64..MAX_SAFE_INTEGER,
+                p in proptest::collection::btree_map("[a-z\u{e9}\u{1F600}]{1,6}", -1000i64..1000, 0..4),
+                rules in proptest::collection::btree_set("[a-z.]{1,10}", 0..4),
+                pass in any::<bool>(),
+            ) {
+                let mut r = sample();
+                r.intent = json!({"op": op, "target": target, "amount": amount, "params": p});
+                r.rules = rules.into_iter().collect();
+                r.verdict = if pass { Verdict::Pass } else { Verdict::Block };
+                let b = r.to_bytes();
+                let back = ReceiptBody::parse(&b);
+                prop_assert_eq!(back.as_ref(), Ok(&r));
+                prop_assert_eq!(back.map(|x| x.to_bytes()).unwrap_or_default(), b);
+            }
+        }
+    }
+}
