@@ -4,6 +4,7 @@
 pub mod association;
 pub mod http;
 pub mod procs;
+pub mod provider;
 pub mod recorder;
 
 pub use http::{Conn, Response};
