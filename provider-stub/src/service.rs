@@ -149,6 +149,11 @@ impl Provider {
         }
     }
 
+    /// Idempotency keys being processed right now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
     fn count(&self, outcome: &str) {
         self.metrics.requests.with_label_values(&[outcome]).inc();
     }

@@ -242,7 +242,8 @@ async fn tampered_or_invalid_requests_execute_nothing() {
     let h = hub_headers("req-t", &body, b"ctx");
     let repr = h[1].1.clone();
     let binding = h[2].1.clone();
-    let cases: Vec<(Vec<(&str, &str)>, Vec<u8>, &str)> = vec![
+    type Case<'a> = (Vec<(&'a str, &'a str)>, Vec<u8>, &'a str);
+    let cases: Vec<Case> = vec![
         // Body changed in transit: repr no longer matches.
         (
             vec![
