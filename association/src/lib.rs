@@ -5,6 +5,7 @@
 //! - [`policy`]: confirmation policies and linkage from digests.
 //! - [`store`]: the [`store::SignalStore`] trait and its SQLite implementation (group commit).
 //! - [`core`]: intake (parse, lookup, `verify_strict`), the writer thread, the read API documents.
+//! - [`fastsig`]: request-path signal parsing and verification, pinned to the protocol crate.
 //! - [`api`]: Pingora glue for the API and admin listeners.
 //! - [`verify`]: the offline check.
 
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod error;
+pub mod fastsig;
 pub mod logger;
 pub mod metrics;
 pub mod policy;

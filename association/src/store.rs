@@ -8,6 +8,7 @@
 use multihub_protocol::signal::Stage;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::path::Path;
 use thiserror::Error;
 
@@ -130,9 +131,24 @@ CREATE TABLE IF NOT EXISTS confirmations (
 );
 ";
 
-/// SQLite implementation.
+/// Operations the writer keeps in memory (cleared beyond this; reloaded on demand).
+const CACHE_CAP: usize = 250_000;
+
+/// What the writer knows about one operation (mirrors the committed rows).
+#[derive(Debug, Default)]
+struct OpState {
+    signals: OpSignals,
+    seqs: Vec<i64>,
+    route: Option<String>,
+    confirmed: bool,
+}
+
+/// SQLite implementation. The writing instance keeps a bounded cache of each operation's
+/// (provider, stage, digest) so that checking a signal costs no query; the database stays the
+/// authority (the cache is dropped whenever a batch fails).
 pub struct SqliteStore {
     conn: Connection,
+    cache: HashMap<String, OpState>,
 }
 
 fn stage_of(s: &str) -> Result<Stage, StoreError> {
@@ -207,7 +223,10 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         conn.set_prepared_statement_cache_capacity(32);
-        Ok(SqliteStore { conn })
+        Ok(SqliteStore {
+            conn,
+            cache: HashMap::new(),
+        })
     }
 
     /// Opens an existing store read-only (readers and the offline check).
@@ -217,59 +236,82 @@ impl SqliteStore {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        Ok(SqliteStore { conn })
+        Ok(SqliteStore {
+            conn,
+            cache: HashMap::new(),
+        })
+    }
+
+    /// The writer's view of an operation: from the cache, else loaded from the database.
+    fn op_state<'c>(
+        conn: &Connection,
+        cache: &'c mut HashMap<String, OpState>,
+        operation: &str,
+    ) -> Result<&'c mut OpState, StoreError> {
+        if !cache.contains_key(operation) {
+            let mut sel = conn.prepare_cached(
+                "SELECT seq, provider, stage, route, digest FROM signals WHERE operation = ?1 ORDER BY seq",
+            )?;
+            let rows = sel
+                .query_map([operation], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                        r.get::<_, Vec<u8>>(4)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut st = OpState::default();
+            for (seq, provider, stage, route, digest) in rows {
+                let d: [u8; 32] = digest
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("digest length".into()))?;
+                if st.route.is_none() {
+                    st.route = route;
+                }
+                st.signals.entries.push((provider, stage_of(&stage)?, d));
+                st.seqs.push(seq);
+            }
+            if !st.seqs.is_empty() {
+                let mut c =
+                    conn.prepare_cached("SELECT 1 FROM confirmations WHERE operation = ?1")?;
+                st.confirmed = c.exists([operation])?;
+            }
+            cache.insert(operation.to_string(), st);
+        }
+        cache
+            .get_mut(operation)
+            .ok_or_else(|| StoreError::Corrupt("cache".into()))
     }
 
     fn apply_one(
-        tx: &rusqlite::Transaction<'_>,
+        conn: &Connection,
+        cache: &mut HashMap<String, OpState>,
         s: &Incoming,
         policies: &Policies,
         now_ms: i64,
     ) -> Result<Applied, StoreError> {
-        let mut sel = tx.prepare_cached(
-            "SELECT seq, provider, stage, route, digest FROM signals WHERE operation = ?1 ORDER BY seq",
-        )?;
-        let rows = sel
-            .query_map([&s.operation], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, Option<String>>(3)?,
-                    r.get::<_, Vec<u8>>(4)?,
-                ))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut op = OpSignals::default();
-        let mut route: Option<String> = None;
-        for (seq, provider, stage, r, digest) in rows {
-            let stage = stage_of(&stage)?;
-            if provider == s.provider && stage == s.stage {
-                return Ok(if digest[..] == s.digest[..] {
+        let st = Self::op_state(conn, cache, &s.operation)?;
+        for (i, (provider, stage, digest)) in st.signals.entries.iter().enumerate() {
+            if *provider == s.provider && *stage == s.stage {
+                let seq = st.seqs[i];
+                return Ok(if *digest == s.digest {
                     Applied::Duplicate { seq }
                 } else {
                     Applied::Conflict { seq }
                 });
             }
-            if route.is_none() {
-                route = r;
-            }
-            let d: [u8; 32] = digest
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("digest length".into()))?;
-            op.entries.push((provider, stage, d));
         }
-        if let (Some(have), Some(want)) = (&route, &s.route) {
+        if let (Some(have), Some(want)) = (&st.route, &s.route) {
             if have != want {
                 return Ok(Applied::RouteConflict {
                     route: have.clone(),
                 });
             }
         }
-        if route.is_none() {
-            route = s.route.clone();
-        }
-        let mut ins = tx.prepare_cached(
+        let mut ins = conn.prepare_cached(
             "INSERT INTO signals (operation, provider, stage, route, digest, bytes, received_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
@@ -282,40 +324,70 @@ impl SqliteStore {
             &s.bytes[..],
             now_ms
         ])?;
-        let seq = tx.last_insert_rowid();
-        op.entries.push((s.provider.clone(), s.stage, s.digest));
-        let (policy, name) = policies.for_route(route.as_deref());
+        let seq = conn.last_insert_rowid();
+        if st.route.is_none() {
+            st.route.clone_from(&s.route);
+        }
+        st.signals
+            .entries
+            .push((s.provider.clone(), s.stage, s.digest));
+        st.seqs.push(seq);
         let mut confirmation = None;
-        if let Some(providers) = policy.holds(&op) {
-            let linkage = op.linkage();
-            let providers_json = serde_json::to_string(&providers)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let policy_name = name.to_string();
-            let mut c = tx.prepare_cached(
-                "INSERT INTO confirmations (operation, linkage, providers, policy, signal_seq, confirmed_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (operation) DO NOTHING",
-            )?;
-            let n = c.execute(params![
-                s.operation,
-                linkage,
-                providers_json,
-                policy_name,
-                seq,
-                now_ms
-            ])?;
-            if n == 1 {
-                confirmation = Some(Confirmation {
-                    seq: tx.last_insert_rowid(),
-                    operation: s.operation.clone(),
+        if !st.confirmed {
+            let (policy, name) = policies.for_route(st.route.as_deref());
+            if let Some(providers) = policy.holds(&st.signals) {
+                st.confirmed = true;
+                let linkage = st.signals.linkage();
+                let providers_json = serde_json::to_string(&providers)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let policy_name = name.to_string();
+                let mut c = conn.prepare_cached(
+                    "INSERT INTO confirmations (operation, linkage, providers, policy, signal_seq, confirmed_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (operation) DO NOTHING",
+                )?;
+                let n = c.execute(params![
+                    s.operation,
                     linkage,
-                    providers,
-                    policy: policy_name,
-                    signal_seq: seq,
-                    confirmed_at_ms: now_ms,
-                });
+                    providers_json,
+                    policy_name,
+                    seq,
+                    now_ms
+                ])?;
+                if n == 1 {
+                    confirmation = Some(Confirmation {
+                        seq: conn.last_insert_rowid(),
+                        operation: s.operation.clone(),
+                        linkage,
+                        providers,
+                        policy: policy_name,
+                        signal_seq: seq,
+                        confirmed_at_ms: now_ms,
+                    });
+                }
             }
         }
         Ok(Applied::Created { seq, confirmation })
+    }
+
+    fn apply_in_tx(
+        &mut self,
+        batch: &[Incoming],
+        policies: &Policies,
+        now_ms: i64,
+    ) -> Result<Vec<Applied>, StoreError> {
+        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        let mut out = Vec::with_capacity(batch.len());
+        for s in batch {
+            out.push(Self::apply_one(
+                &self.conn,
+                &mut self.cache,
+                s,
+                policies,
+                now_ms,
+            )?);
+        }
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        Ok(out)
     }
 }
 
@@ -326,13 +398,18 @@ impl SignalStore for SqliteStore {
         policies: &Policies,
         now_ms: i64,
     ) -> Result<Vec<Applied>, StoreError> {
-        let tx = self.conn.transaction()?;
-        let mut out = Vec::with_capacity(batch.len());
-        for s in batch {
-            out.push(Self::apply_one(&tx, s, policies, now_ms)?);
+        if self.cache.len() > CACHE_CAP {
+            self.cache.clear();
         }
-        tx.commit()?;
-        Ok(out)
+        let r = self.apply_in_tx(batch, policies, now_ms);
+        if r.is_err() {
+            // Nothing of the batch is recorded; the cache may hold part of it: drop it.
+            self.cache.clear();
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+        }
+        r
     }
 
     fn signals_of(&mut self, operation: &str) -> Result<Vec<StoredSignal>, StoreError> {
@@ -400,7 +477,6 @@ impl SignalStore for SqliteStore {
 mod tests {
     use super::*;
     use crate::policy::{digest, Policy};
-    use std::collections::HashMap;
 
     fn policies(p: Policy) -> Policies {
         Policies {
@@ -503,6 +579,32 @@ mod tests {
         let mut ro = SqliteStore::open_read_only(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(ro.counts().ok(), Some((5, 1)));
         assert_eq!(ro.signals_after(2, 100).ok().map(|v| v.len()), Some(3));
+        // Reopen for writing (cold cache): state comes back from the database.
+        let mut st = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let r = st
+            .apply_batch(
+                &[
+                    inc("op", "b", Stage::Complete, "bc"),
+                    inc("op", "b", Stage::Start, "other"),
+                    inc("op", "d", Stage::Start, "ds"),
+                ],
+                &pol,
+                3,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(r[0], Applied::Duplicate { .. }), "{r:?}");
+        assert!(matches!(r[1], Applied::Conflict { .. }), "{r:?}");
+        assert!(
+            matches!(
+                r[2],
+                Applied::Created {
+                    confirmation: None,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        assert_eq!(st.counts().ok(), Some((6, 1)));
     }
 
     #[test]
