@@ -40,7 +40,12 @@ impl AccessLog {
         let w: Box<dyn Write + Send> = if target == "stdout" {
             Box::new(std::io::stdout())
         } else {
-            Box::new(OpenOptions::new().create(true).append(true).open(Path::new(target))?)
+            Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(Path::new(target))?,
+            )
         };
         Ok(AccessLog {
             out: Mutex::new(BufWriter::with_capacity(64 * 1024, w)),
@@ -48,7 +53,10 @@ impl AccessLog {
     }
 
     pub fn write(&self, rec: &AccessRecord<'_>) {
-        let ts_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let ts_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
         if serde_json::to_writer(&mut *out, &Line { ts_ms, rec }).is_ok() {
             let _ = out.write_all(b"\n");

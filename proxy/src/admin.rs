@@ -26,14 +26,22 @@ fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
 }
 
 fn json_reply(status: u16, v: serde_json::Value) -> Response<Vec<u8>> {
-    reply(status, "application/json", serde_json::to_vec(&v).unwrap_or_default())
+    reply(
+        status,
+        "application/json",
+        serde_json::to_vec(&v).unwrap_or_default(),
+    )
 }
 
 impl Admin {
     /// Body of `GET /routes`: the active version and the last reload error, if any.
     pub fn routes_json(&self) -> serde_json::Value {
         let t = self.tables.load();
-        let secs = |t: std::time::SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let secs = |t: std::time::SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0)
+        };
         let status = self.engine.reload.lock().unwrap_or_else(|e| e.into_inner());
         let routes: Vec<_> = t
             .table
@@ -62,7 +70,9 @@ impl ServeHttp for Admin {
         match path {
             "/metrics" => {
                 let e = &self.engine;
-                let used = e.max_in_flight.saturating_sub(e.in_flight.available_permits());
+                let used = e
+                    .max_in_flight
+                    .saturating_sub(e.in_flight.available_permits());
                 e.metrics.deliveries_in_flight.set(used as i64);
                 reply(200, "text/plain; version=0.0.4", e.metrics.render())
             }
@@ -73,11 +83,17 @@ impl ServeHttp for Admin {
                 } else if !self.engine.listening.load(Ordering::SeqCst) {
                     json_reply(503, json!({ "status": "starting" }))
                 } else {
-                    json_reply(200, json!({ "status": "ready", "version": self.tables.load().table.version }))
+                    json_reply(
+                        200,
+                        json!({ "status": "ready", "version": self.tables.load().table.version }),
+                    )
                 }
             }
             "/routes" => json_reply(200, self.routes_json()),
-            _ => json_reply(404, json!({ "error": "not_found", "detail": "admin endpoints: /metrics /healthz /readyz /routes" })),
+            _ => json_reply(
+                404,
+                json!({ "error": "not_found", "detail": "admin endpoints: /metrics /healthz /readyz /routes" }),
+            ),
         }
     }
 }

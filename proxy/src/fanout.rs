@@ -125,9 +125,13 @@ impl Job<'_> {
             Ok(_) => "ok",
             Err(f) => f.reason(),
         };
-        m.deliveries.with_label_values(&[self.route, up.id.as_str(), result]).inc();
+        m.deliveries
+            .with_label_values(&[self.route, up.id.as_str(), result])
+            .inc();
         if up.kind == UpstreamKind::Peer {
-            m.relays.with_label_values(&[up.id.as_str(), if r.is_ok() { "ok" } else { "failed" }]).inc();
+            m.relays
+                .with_label_values(&[up.id.as_str(), if r.is_ok() { "ok" } else { "failed" }])
+                .inc();
         }
     }
 

@@ -64,7 +64,11 @@ impl BodyError {
 
 impl Hub {
     pub fn new(tables: Tables, engine: Arc<Engine>, access_log: Option<Arc<AccessLog>>) -> Self {
-        Hub { tables, engine, access_log }
+        Hub {
+            tables,
+            engine,
+            access_log,
+        }
     }
 
     /// Writes a complete response with the request id and route version. `body` is JSON.
@@ -216,9 +220,11 @@ impl Hub {
     fn count_suppressed(engine: &Engine, plan: &Plan) {
         for (_, why) in &plan.relay.suppressed {
             match why {
-                Suppressed::Loop | Suppressed::Hops => {
-                    engine.metrics.relays_suppressed.with_label_values(&[why.as_str()]).inc()
-                }
+                Suppressed::Loop | Suppressed::Hops => engine
+                    .metrics
+                    .relays_suppressed
+                    .with_label_values(&[why.as_str()])
+                    .inc(),
             }
         }
     }
@@ -318,11 +324,19 @@ impl ProxyHttp for Hub {
     }
 
     /// Runs last for every request, answered or failed: metrics and the access log.
-    async fn logging(&self, session: &mut Session, e: Option<&pingora_error::Error>, ctx: &mut Ctx) {
+    async fn logging(
+        &self,
+        session: &mut Session,
+        e: Option<&pingora_error::Error>,
+        ctx: &mut Ctx,
+    ) {
         let status = if ctx.status != 0 {
             ctx.status
         } else {
-            session.response_written().map(|r| r.status.as_u16()).unwrap_or(0)
+            session
+                .response_written()
+                .map(|r| r.status.as_u16())
+                .unwrap_or(0)
         };
         let elapsed = ctx.started.elapsed();
         let Some(t) = &ctx.table else { return };
@@ -332,8 +346,16 @@ impl ProxyHttp for Hub {
         };
         m.observe(status, elapsed.as_secs_f64());
         if let Some(log) = &self.access_log {
-            let route = ctx.route.and_then(|r| t.table.routes.get(r)).map(|r| r.id.as_str()).unwrap_or("");
-            let id = ctx.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
+            let route = ctx
+                .route
+                .and_then(|r| t.table.routes.get(r))
+                .map(|r| r.id.as_str())
+                .unwrap_or("");
+            let id = ctx
+                .request_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
             log.write(&AccessRecord {
                 request_id: id,
                 route,

@@ -15,6 +15,9 @@ use crate::access::AccessLog;
 use crate::metrics::DropReason;
 use crate::state::Engine;
 
+/// How long the hub must be idle before a graceful shutdown exits early.
+const QUIET: Duration = Duration::from_millis(500);
+
 pub struct Lifecycle {
     pub engine: Arc<Engine>,
     pub listen: String,
@@ -67,11 +70,22 @@ impl BackgroundService for Lifecycle {
             e.background.load(Ordering::SeqCst),
             self.grace
         );
+        let mut quiet_since: Option<Instant> = None;
         loop {
-            let (req, bg) = (e.active_requests.load(Ordering::SeqCst), e.background.load(Ordering::SeqCst));
+            let (req, bg) = (
+                e.active_requests.load(Ordering::SeqCst),
+                e.background.load(Ordering::SeqCst),
+            );
             if req == 0 && bg == 0 {
-                log::info!("graceful shutdown: drained, nothing dropped");
-                break;
+                // A connection accepted just before the listener closed is counted only once
+                // its request head is parsed: require a short continuous quiet period.
+                let since = *quiet_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= QUIET {
+                    log::info!("graceful shutdown: drained, nothing dropped");
+                    break;
+                }
+            } else {
+                quiet_since = None;
             }
             if Instant::now() >= deadline {
                 for _ in 0..bg {

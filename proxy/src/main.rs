@@ -11,7 +11,11 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Routes { action }) => {
             let r = match action {
-                RoutesCmd::Activate { routes, version, force } => reload::activate(&routes, &version, force).map(|()| {
+                RoutesCmd::Activate {
+                    routes,
+                    version,
+                    force,
+                } => reload::activate(&routes, &version, force).map(|()| {
                     println!("activated {version} in {}", routes.display());
                 }),
                 RoutesCmd::List { routes } => reload::list(&routes, &mut std::io::stdout().lock()),

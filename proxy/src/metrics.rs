@@ -3,8 +3,8 @@
 //! handles are resolved when a table loads, so the request path does no label lookup for them.
 
 use prometheus::{
-    exponential_buckets, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    exponential_buckets, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric family of the hub.
@@ -67,13 +67,23 @@ impl RouteMetrics {
     }
 }
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
+fn counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, prometheus::Error> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(c.clone()))?;
     Ok(c)
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<HistogramVec, prometheus::Error> {
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<HistogramVec, prometheus::Error> {
     // 100 µs .. ~26 s.
     let buckets = exponential_buckets(0.0001, 2.0, 19)?;
     let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
@@ -84,9 +94,18 @@ fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<Hi
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let r = Registry::new();
-        let deliveries_in_flight = IntGauge::new("hub_deliveries_in_flight", "Deliveries to upstreams in flight now.")?;
+        let deliveries_in_flight = IntGauge::new(
+            "hub_deliveries_in_flight",
+            "Deliveries to upstreams in flight now.",
+        )?;
         r.register(Box::new(deliveries_in_flight.clone()))?;
-        let active_info = IntGaugeVec::new(Opts::new("hub_routes_active_info", "The active routing-table version (value 1)."), &["version"])?;
+        let active_info = IntGaugeVec::new(
+            Opts::new(
+                "hub_routes_active_info",
+                "The active routing-table version (value 1).",
+            ),
+            &["version"],
+        )?;
         r.register(Box::new(active_info.clone()))?;
         let last_reload_success = Gauge::new(
             "hub_routes_last_reload_success_timestamp_seconds",
@@ -94,16 +113,66 @@ impl Metrics {
         )?;
         r.register(Box::new(last_reload_success.clone()))?;
         Ok(Metrics {
-            requests: counter(&r, "hub_requests_total", "Requests answered, by route, response mode and status class.", &["route", "respond", "code_class"])?,
-            request_duration: histogram(&r, "hub_request_duration_seconds", "Time from request head to the end of the answer.", &["route"])?,
-            deliveries: counter(&r, "hub_deliveries_total", "Deliveries to targets and relay peers, by result.", &["route", "target", "result"])?,
-            delivery_duration: histogram(&r, "hub_delivery_duration_seconds", "Duration of one delivery (all attempts).", &["target"])?,
-            dropped: counter(&r, "hub_deliveries_dropped_total", "Deliveries given up or not attempted, by reason.", &["reason"])?,
-            relays: counter(&r, "hub_relays_total", "Relays to peer hubs, by result.", &["peer", "result"])?,
-            relays_suppressed: counter(&r, "hub_relays_suppressed_total", "Relays not sent (peer on the path, or no hops left).", &["reason"])?,
-            reloads: counter(&r, "hub_routes_reloads_total", "Routing-table loads, by result.", &["result"])?,
-            outcomes: counter(&r, "hub_outcomes_total", "Outcome relays received, by result.", &["result"])?,
-            outcome_deliveries: counter(&r, "hub_outcome_deliveries_total", "Outcome deliveries to sinks and predecessor hubs, by result.", &["sink", "result"])?,
+            requests: counter(
+                &r,
+                "hub_requests_total",
+                "Requests answered, by route, response mode and status class.",
+                &["route", "respond", "code_class"],
+            )?,
+            request_duration: histogram(
+                &r,
+                "hub_request_duration_seconds",
+                "Time from request head to the end of the answer.",
+                &["route"],
+            )?,
+            deliveries: counter(
+                &r,
+                "hub_deliveries_total",
+                "Deliveries to targets and relay peers, by result.",
+                &["route", "target", "result"],
+            )?,
+            delivery_duration: histogram(
+                &r,
+                "hub_delivery_duration_seconds",
+                "Duration of one delivery (all attempts).",
+                &["target"],
+            )?,
+            dropped: counter(
+                &r,
+                "hub_deliveries_dropped_total",
+                "Deliveries given up or not attempted, by reason.",
+                &["reason"],
+            )?,
+            relays: counter(
+                &r,
+                "hub_relays_total",
+                "Relays to peer hubs, by result.",
+                &["peer", "result"],
+            )?,
+            relays_suppressed: counter(
+                &r,
+                "hub_relays_suppressed_total",
+                "Relays not sent (peer on the path, or no hops left).",
+                &["reason"],
+            )?,
+            reloads: counter(
+                &r,
+                "hub_routes_reloads_total",
+                "Routing-table loads, by result.",
+                &["result"],
+            )?,
+            outcomes: counter(
+                &r,
+                "hub_outcomes_total",
+                "Outcome relays received, by result.",
+                &["result"],
+            )?,
+            outcome_deliveries: counter(
+                &r,
+                "hub_outcome_deliveries_total",
+                "Outcome deliveries to sinks and predecessor hubs, by result.",
+                &["sink", "result"],
+            )?,
             deliveries_in_flight,
             active_info,
             last_reload_success,

@@ -163,7 +163,12 @@ impl Hub {
         let busy = Busy::background(&engine);
         tokio::spawn(async move {
             let _busy = busy;
-            let route = t.table.routes.get(route).map(|r| r.id.as_str()).unwrap_or("");
+            let route = t
+                .table
+                .routes
+                .get(route)
+                .map(|r| r.id.as_str())
+                .unwrap_or("");
             let job = Job {
                 engine: &engine,
                 route,
@@ -299,7 +304,8 @@ impl Hub {
         let busy = Busy::background(&engine);
         tokio::spawn(async move {
             let _busy = busy;
-            let (Some(slots), Some(r)) = (t.copy_slots.get(route), t.table.routes.get(route)) else {
+            let (Some(slots), Some(r)) = (t.copy_slots.get(route), t.table.routes.get(route))
+            else {
                 return;
             };
             let job = Job {

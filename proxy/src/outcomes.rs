@@ -66,7 +66,11 @@ impl Hub {
         let h = match outcome_headers(&req.headers) {
             Ok(h) => h,
             Err(r) => {
-                self.engine.metrics.outcomes.with_label_values(&["rejected"]).inc();
+                self.engine
+                    .metrics
+                    .outcomes
+                    .with_label_values(&["rejected"])
+                    .inc();
                 return Self::reject(session, ctx, r).await;
             }
         };
@@ -76,7 +80,11 @@ impl Hub {
         let body = match Self::read_body(session, max).await {
             Ok(b) => b,
             Err(e) => {
-                self.engine.metrics.outcomes.with_label_values(&["rejected"]).inc();
+                self.engine
+                    .metrics
+                    .outcomes
+                    .with_label_values(&["rejected"])
+                    .inc();
                 return Self::reject(session, ctx, e.reject(max)).await;
             }
         };
@@ -122,14 +130,28 @@ impl Hub {
                         });
                     }
                 }
-                None => self.engine.metrics.outcomes.with_label_values(&["unknown_predecessor"]).inc(),
+                None => self
+                    .engine
+                    .metrics
+                    .outcomes
+                    .with_label_values(&["unknown_predecessor"])
+                    .inc(),
             },
             Predecessor::First => {}
-            Predecessor::NotOnPath => self.engine.metrics.outcomes.with_label_values(&["not_on_path"]).inc(),
+            Predecessor::NotOnPath => self
+                .engine
+                .metrics
+                .outcomes
+                .with_label_values(&["not_on_path"])
+                .inc(),
         }
 
         let Ok(permit) = self.engine.outcome_slots.clone().try_acquire_owned() else {
-            self.engine.metrics.outcomes.with_label_values(&["queue_full"]).inc();
+            self.engine
+                .metrics
+                .outcomes
+                .with_label_values(&["queue_full"])
+                .inc();
             let retry = [(
                 http::header::RETRY_AFTER.as_str(),
                 HeaderValue::from_static("1"),
@@ -141,7 +163,11 @@ impl Hub {
             );
             return Self::respond_with(session, ctx, 503, Some(r.body()), &retry).await;
         };
-        self.engine.metrics.outcomes.with_label_values(&["accepted"]).inc();
+        self.engine
+            .metrics
+            .outcomes
+            .with_label_values(&["accepted"])
+            .inc();
         let engine = self.engine.clone();
         let retries = t.table.hub.outcome_retries;
         let backoff = t.table.hub.retry_backoff;
@@ -176,7 +202,11 @@ async fn deliver_outcome(
             .await
         {
             Ok(_) => {
-                engine.metrics.outcome_deliveries.with_label_values(&[&d.label, "ok"]).inc();
+                engine
+                    .metrics
+                    .outcome_deliveries
+                    .with_label_values(&[&d.label, "ok"])
+                    .inc();
                 return;
             }
             Err(f) if f.retryable() && attempt < retries => {
@@ -185,7 +215,11 @@ async fn deliver_outcome(
                 backoff = backoff.saturating_mul(2);
             }
             Err(f) => {
-                engine.metrics.outcome_deliveries.with_label_values(&[&d.label, "failed"]).inc();
+                engine
+                    .metrics
+                    .outcome_deliveries
+                    .with_label_values(&[&d.label, "failed"])
+                    .inc();
                 log::warn!(
                     "outcome delivery to {} dropped after {} attempts: {f}",
                     d.label,

@@ -40,11 +40,17 @@ impl Reloader {
                 let current = self.tables.load();
                 if l.sha256 == current.sha256 && l.file == current.file {
                     m.reloads.with_label_values(&["unchanged"]).inc();
-                    log::info!("routing table reload ({why}): {} unchanged", current.table.version);
+                    log::info!(
+                        "routing table reload ({why}): {} unchanged",
+                        current.table.version
+                    );
                     return;
                 }
                 if l.table.hub.max_in_flight != self.engine.max_in_flight {
-                    log::warn!("hub.max_in_flight changed to {}; it takes effect at the next restart", l.table.hub.max_in_flight);
+                    log::warn!(
+                        "hub.max_in_flight changed to {}; it takes effect at the next restart",
+                        l.table.hub.max_in_flight
+                    );
                 }
                 let old = current.table.version.clone();
                 let new = HubTable::new(l, m);
@@ -55,7 +61,11 @@ impl Reloader {
                 m.active_info.with_label_values(&[&version]).set(1);
                 m.reloads.with_label_values(&["ok"]).inc();
                 m.last_reload_success.set(now_secs());
-                self.engine.reload.lock().unwrap_or_else(|e| e.into_inner()).last_error = None;
+                self.engine
+                    .reload
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .last_error = None;
                 log::info!("routing table {version} active (was {old}; sha256 {sha}; {why})");
             }
             Err(e) => {
@@ -75,7 +85,10 @@ impl Reloader {
 }
 
 fn now_secs() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 #[async_trait]
@@ -84,7 +97,10 @@ impl BackgroundService for Reloader {
         let dir = if self.routes.is_dir() {
             self.routes.clone()
         } else {
-            self.routes.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+            self.routes
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."))
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
         let watcher = notify::recommended_watcher(move |res: notify::Result<Event>| {
@@ -136,7 +152,8 @@ pub fn activate(dir: &Path, version: &str, force: bool) -> Result<(), String> {
     if !dir.is_dir() {
         return Err(format!("{} is not a routes directory", dir.display()));
     }
-    multihub_protocol::ids::validate_hub_id(version).map_err(|e| format!("version {version:?} {e}"))?;
+    multihub_protocol::ids::validate_hub_id(version)
+        .map_err(|e| format!("version {version:?} {e}"))?;
     let file = dir.join(format!("{version}.json"));
     if !file.is_file() {
         return Err(format!("{} does not exist", file.display()));
@@ -145,7 +162,10 @@ pub fn activate(dir: &Path, version: &str, force: bool) -> Result<(), String> {
         let bytes = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
         let parsed = multihub_filters::table::parse(&bytes).map_err(|e| e.to_string())?;
         if parsed.version != version {
-            return Err(format!("$.version: {:?} does not match the file name {version:?}", parsed.version));
+            return Err(format!(
+                "$.version: {:?} does not match the file name {version:?}",
+                parsed.version
+            ));
         }
         multihub_filters::compile(&parsed).map_err(|e| e.to_string())?;
     }
@@ -164,15 +184,29 @@ pub fn list(dir: &Path, out: &mut impl std::io::Write) -> Result<(), String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?
         .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).map(str::to_string))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .map(str::to_string)
+        })
         .collect();
     names.sort();
     for v in names {
         let file = dir.join(format!("{v}.json"));
         let status = match std::fs::read(&file).map(|b| multihub_filters::table::load_bytes(&b)) {
             Ok(Ok(t)) if t.version == v => "valid".to_string(),
-            Ok(Ok(t)) => format!("invalid: $.version {:?} does not match the file name", t.version),
-            Ok(Err(e)) => format!("invalid: {}", e.problems().first().map(|p| p.to_string()).unwrap_or_default()),
+            Ok(Ok(t)) => format!(
+                "invalid: $.version {:?} does not match the file name",
+                t.version
+            ),
+            Ok(Err(e)) => format!(
+                "invalid: {}",
+                e.problems()
+                    .first()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default()
+            ),
             Err(e) => format!("unreadable: {e}"),
         };
         let mark = if v == active { "*" } else { " " };

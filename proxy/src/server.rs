@@ -26,7 +26,13 @@ use crate::HubError;
 /// Writes the summary `--validate` prints for a valid table: the version, then one line per route.
 pub fn describe(loaded: &Loaded, out: &mut impl Write) -> std::io::Result<()> {
     let t = &loaded.table;
-    writeln!(out, "ok: version {} ({}, sha256 {})", t.version, loaded.file.display(), loaded.sha256)?;
+    writeln!(
+        out,
+        "ok: version {} ({}, sha256 {})",
+        t.version,
+        loaded.file.display(),
+        loaded.sha256
+    )?;
     for r in &t.routes {
         let names = |ids: &[usize]| {
             ids.iter()
@@ -37,7 +43,11 @@ pub fn describe(loaded: &Loaded, out: &mut impl Write) -> std::io::Result<()> {
         let methods = if r.methods.is_empty() {
             "*".to_string()
         } else {
-            r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
+            r.methods
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
         };
         writeln!(
             out,
@@ -67,18 +77,32 @@ pub fn run(opts: &RunOpts, routes: &Path, loaded: Loaded) -> Result<(), HubError
     }
     let access_log = match opts.access_log.as_str() {
         "off" => None,
-        target => Some(Arc::new(
-            AccessLog::open(target).map_err(|e| HubError::Usage(format!("--access-log {target}: {e}")))?,
-        )),
+        target => {
+            Some(Arc::new(AccessLog::open(target).map_err(|e| {
+                HubError::Usage(format!("--access-log {target}: {e}"))
+            })?))
+        }
     };
     let metrics = Metrics::new().map_err(|e| HubError::Server(format!("metrics: {e}")))?;
-    let engine = Arc::new(Engine::new(metrics, loaded.table.hub.max_in_flight, loaded.table.hub.outcome_queue));
+    let engine = Arc::new(Engine::new(
+        metrics,
+        loaded.table.hub.max_in_flight,
+        loaded.table.hub.outcome_queue,
+    ));
     let version = loaded.table.version.clone();
-    let tables = Arc::new(ArcSwap::from_pointee(HubTable::new(loaded, &engine.metrics)));
+    let tables = Arc::new(ArcSwap::from_pointee(HubTable::new(
+        loaded,
+        &engine.metrics,
+    )));
     let m = &engine.metrics;
     m.reloads.with_label_values(&["ok"]).inc();
     m.active_info.with_label_values(&[&version]).set(1);
-    m.last_reload_success.set(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0));
+    m.last_reload_success.set(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0),
+    );
 
     let conf = ServerConf {
         threads: opts.threads,
@@ -131,7 +155,11 @@ pub fn run(opts: &RunOpts, routes: &Path, loaded: Loaded) -> Result<(), HubError
             access_log,
         },
     ));
-    log::info!("multihub-hub {version}: proxy {} admin {}", opts.listen, opts.admin);
+    log::info!(
+        "multihub-hub {version}: proxy {} admin {}",
+        opts.listen,
+        opts.admin
+    );
     server.run(RunArgs::default());
     Ok(())
 }

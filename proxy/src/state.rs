@@ -61,7 +61,11 @@ impl HubTable {
             .iter()
             .map(|s| HttpPeer::new(s.addr, false, String::new()))
             .collect();
-        let copy_slots = table.routes.iter().map(|r| Semaphore::new(r.copy_max_in_flight)).collect();
+        let copy_slots = table
+            .routes
+            .iter()
+            .map(|r| Semaphore::new(r.copy_max_in_flight))
+            .collect();
         let route_metrics = table
             .routes
             .iter()
@@ -70,7 +74,11 @@ impl HubTable {
         let delivery_duration = table
             .upstreams
             .iter()
-            .map(|u| metrics.delivery_duration.with_label_values(&[u.id.as_str()]))
+            .map(|u| {
+                metrics
+                    .delivery_duration
+                    .with_label_values(&[u.id.as_str()])
+            })
             .collect();
         HubTable {
             peers,
@@ -101,7 +109,11 @@ impl HubTable {
 
     pub fn mark(&self, i: usize, reachable: bool) {
         if let Some(d) = self.down_until.get(i) {
-            let v = if reachable { 0 } else { self.now_ms() + DOWN_FOR.as_millis() as u64 };
+            let v = if reachable {
+                0
+            } else {
+                self.now_ms() + DOWN_FOR.as_millis() as u64
+            };
             d.store(v, Ordering::Relaxed);
         }
     }

@@ -134,8 +134,17 @@ impl HubProc {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn multihub-hub: {e}"));
-        HubProc { child, addr, port, admin, log, _dir: dir }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn multihub-hub: {e}"));
+        HubProc {
+            child,
+            addr,
+            port,
+            admin,
+            log,
+            _dir: dir,
+        }
     }
 
     /// Polls `/readyz` until 200.
@@ -145,11 +154,20 @@ impl HubProc {
             if let Ok(Some(st)) = self.child.try_wait() {
                 panic!("multihub-hub exited early ({st}):\n{}", self.logs());
             }
-            if crate::http::request(&self.admin, "GET", "/readyz", &[], b"").await.map(|r| r.status).unwrap_or(0) == 200 {
+            if crate::http::request(&self.admin, "GET", "/readyz", &[], b"")
+                .await
+                .map(|r| r.status)
+                .unwrap_or(0)
+                == 200
+            {
                 return;
             }
             if Instant::now() > end {
-                panic!("multihub-hub not ready on {} in time:\n{}", self.addr, self.logs());
+                panic!(
+                    "multihub-hub not ready on {} in time:\n{}",
+                    self.addr,
+                    self.logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
