@@ -1,0 +1,410 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of the multihub hub against nginx on loopback (see README "Performance").
+
+Every scenario runs the same wrk load (same connections, duration, keep-alive) against the hub and
+against the nginx setup that does the same job; each server gets one worker (hub --threads 1,
+nginx worker_processes 1). Prints a table and writes bench/results/latest.json.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc=None, deadline=30.0):
+    end = time.time() + deadline
+    while time.time() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited early: {proc.args}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"port {port} not ready")
+
+
+def wait_http(url, deadline=30.0):
+    end = time.time() + deadline
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=0.5) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"{url} not ready")
+
+
+def children(pid):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def cpu_ticks(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total
+
+
+def peak_rss_kb(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class Procs:
+    """Processes started for one scenario; stopped together."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.procs = []
+
+    def start(self, args, name):
+        log = open(os.path.join(self.workdir, f"{name}.log"), "ab")
+        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.procs.append(p)
+        return p
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.procs = []
+
+
+NGINX_COMMON = """
+worker_processes 1;
+pid {dir}/{name}.pid;
+error_log {dir}/{name}.error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 65;
+  client_body_buffer_size 1m;
+  client_max_body_size 1m;
+  client_body_temp_path {dir}/{name}.body;
+  proxy_temp_path {dir}/{name}.proxy;
+  proxy_http_version 1.1;
+  proxy_set_header Connection "";
+  proxy_request_buffering on;
+{body}
+}}
+"""
+
+
+def nginx(procs, name, body):
+    conf = os.path.join(procs.workdir, f"{name}.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX_COMMON.format(dir=procs.workdir, name=name, body=body))
+    return procs.start(["nginx", "-c", conf, "-g", "daemon off;"], name)
+
+
+def upstream_block(name, port):
+    return f"  upstream {name} {{ server 127.0.0.1:{port}; keepalive 128; }}\n"
+
+
+def hub_table(hub_id, providers, route):
+    return {
+        "version": "bench",
+        "hub": {"id": hub_id, "advertise": "http://127.0.0.1:1", "max_body_bytes": 1048576, "max_in_flight": 4096},
+        "providers": {k: {"url": v, "timeout_ms": 5000} for k, v in providers.items()},
+        "routes": [dict({"id": "bench", "match": {"path_prefix": "/"}}, **route)],
+    }
+
+
+def start_hub(procs, bins, name, table, threads):
+    path = os.path.join(procs.workdir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(table, f)
+    port, admin = free_port(), free_port()
+    p = procs.start([bins["hub"], "--routes", path, "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+                     "--threads", str(threads), "--access-log", "off"], name)
+    wait_http(f"http://127.0.0.1:{admin}/readyz")
+    return p, port, admin
+
+
+def wrk_script(workdir, body_bytes):
+    path = os.path.join(workdir, f"post_{body_bytes}.lua")
+    with open(path, "w") as f:
+        f.write('wrk.method = "POST"\n')
+        f.write('wrk.headers["Content-Type"] = "application/json"\n')
+        if body_bytes <= 64:
+            f.write('wrk.body = \'{"op":"transfer","target":"acct-1","amount":5}\'\n')
+        else:
+            f.write(f'wrk.body = string.rep("a", {body_bytes})\n')
+    return path
+
+
+UNIT = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def parse_latency(s):
+    m = re.match(r"([\d.]+)(us|ms|s)$", s)
+    return float(m.group(1)) * UNIT[m.group(2)] if m else None
+
+
+def run_wrk(port, args, script):
+    cmd = ["wrk", f"-t{args.wrk_threads}", f"-c{args.connections}", f"-d{args.duration}s", "--latency", "-s", script,
+           f"http://127.0.0.1:{port}/bench"]
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    res = {"rps": 0.0, "p50_ms": None, "p99_ms": None, "requests": 0, "errors": 0}
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Requests/sec:"):
+            res["rps"] = float(line.split()[1])
+        m = re.match(r"(\d+) requests in", line)
+        if m:
+            res["requests"] = int(m.group(1))
+        m = re.match(r"(50|99)(?:\.000)?%\s+(\S+)", line)
+        if m:
+            res[f"p{m.group(1)}_ms"] = parse_latency(m.group(2))
+        if line.startswith("Non-2xx or 3xx responses:"):
+            res["errors"] += int(line.split(":")[1])
+        if line.startswith("Socket errors:"):
+            res["errors"] += sum(int(x) for x in re.findall(r"\d+", line))
+    res["raw"] = out
+    return res
+
+
+def measure(server_pids, port, args, script):
+    pids = []
+    for p in server_pids:
+        pids.append(p)
+        pids.extend(children(p))
+    before = cpu_ticks(pids)
+    res = run_wrk(port, args, script)
+    after = cpu_ticks(pids)
+    n = max(res["requests"], 1)
+    res["cpu_us_per_req"] = (after - before) / CLK_TCK * 1e6 / n
+    res["peak_rss_mb"] = peak_rss_kb(pids) / 1024.0
+    return res
+
+
+def hub_metric(admin, prefix):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except Exception:
+        return None
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(prefix))
+
+
+def scenario(name, args, bins, ups, slow_port, workdir):
+    """Runs one scenario for both servers; returns two result rows."""
+    rows = []
+    small = wrk_script(workdir, 46)
+    script = wrk_script(workdir, 65536) if name == "body_64k" else small
+    u = {f"u{i}": f"http://127.0.0.1:{p}" for i, p in enumerate(ups, 1)}
+
+    # --- hub ---
+    procs = Procs(workdir)
+    try:
+        extra = {}
+        if name == "proxy":
+            p, port, admin = start_hub(procs, bins, "hub", hub_table("hub-a", {"u1": u["u1"]}, {"targets": ["u1"], "respond": "proxy"}), args.hub_threads)
+            pids = [p.pid]
+        elif name in ("fanout3_confirmed", "body_64k"):
+            p, port, admin = start_hub(procs, bins, "hub", hub_table("hub-a", u, {"targets": ["u1", "u2", "u3"], "delivery": "confirmed"}), args.hub_threads)
+            pids = [p.pid]
+        elif name == "fanout3_async":
+            p, port, admin = start_hub(procs, bins, "hub", hub_table("hub-a", u, {"targets": ["u1", "u2", "u3"], "delivery": "async"}), args.hub_threads)
+            pids = [p.pid]
+        elif name == "slow_copy":
+            prov = {"u1": u["u1"], "slow": f"http://127.0.0.1:{slow_port}"}
+            p, port, admin = start_hub(procs, bins, "hub", hub_table("hub-a", prov, {"targets": ["u1", "slow"], "respond": "proxy"}), args.hub_threads)
+            pids = [p.pid]
+        elif name == "relay":
+            pb, port_b, _ = start_hub(procs, bins, "hub-b", hub_table("hub-b", {"u1": u["u1"]}, {"targets": ["u1"], "respond": "proxy"}), args.hub_threads)
+            pa, port, admin = start_hub(procs, bins, "hub-a", hub_table("hub-a", {"hub-b": f"http://127.0.0.1:{port_b}"}, {"targets": ["hub-b"], "respond": "proxy"}), args.hub_threads)
+            pids = [pa.pid, pb.pid]
+        else:
+            raise ValueError(name)
+        res = measure(pids, port, args, script)
+        if name in ("fanout3_async", "slow_copy"):
+            time.sleep(0.5)  # let background deliveries settle before reading the counters
+            extra["dropped"] = hub_metric(admin, "hub_deliveries_dropped_total")
+        res.update(extra)
+        rows.append(dict(res, scenario=name, server="multihub"))
+    finally:
+        procs.stop()
+
+    # --- nginx ---
+    procs = Procs(workdir)
+    try:
+        port = free_port()
+        ups_blocks = "".join(upstream_block(f"up{i}", p) for i, p in enumerate(ups, 1))
+        ups_blocks += upstream_block("slow", slow_port)
+        if name == "proxy":
+            body = ups_blocks + f"  server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://up1; }} }}\n"
+        elif name in ("fanout3_confirmed", "fanout3_async", "body_64k"):
+            body = ups_blocks + (
+                f"  server {{ listen 127.0.0.1:{port};\n"
+                "    location / { mirror /m2; mirror /m3; proxy_pass http://up1; }\n"
+                "    location = /m2 { internal; proxy_pass http://up2$request_uri; }\n"
+                "    location = /m3 { internal; proxy_pass http://up3$request_uri; }\n  }\n")
+        elif name == "slow_copy":
+            body = ups_blocks + (
+                f"  server {{ listen 127.0.0.1:{port};\n"
+                "    location / { mirror /slow; proxy_pass http://up1; }\n"
+                "    location = /slow { internal; proxy_pass http://slow$request_uri; }\n  }\n")
+        elif name == "relay":
+            port_b = free_port()
+            nb = nginx(procs, "nginx-b", ups_blocks + f"  server {{ listen 127.0.0.1:{port_b}; location / {{ proxy_pass http://up1; }} }}\n")
+            wait_port(port_b, nb)
+            body = upstream_block("b", port_b) + f"  server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://b; }} }}\n"
+        n = nginx(procs, "nginx", body)
+        wait_port(port, n)
+        pids = [p.pid for p in procs.procs]
+        res = measure(pids, port, args, script)
+        rows.append(dict(res, scenario=name, server="nginx"))
+    finally:
+        procs.stop()
+    return rows
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="2 s per scenario instead of 6")
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--duration", type=int, default=None, help="seconds per scenario per server (default 6, --quick 2)")
+    ap.add_argument("--wrk-threads", type=int, default=1)
+    ap.add_argument("--hub-threads", type=int, default=1)
+    ap.add_argument("--scenarios", default="proxy,fanout3_confirmed,fanout3_async,slow_copy,relay,body_64k")
+    ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--soak", type=int, default=0, metavar="SECONDS", help="instead: soak the hub proxy scenario at -c256 and sample RSS")
+    args = ap.parse_args()
+    if args.duration is None:
+        args.duration = 2 if args.quick else 6
+
+    subprocess.run([os.path.join(ROOT, "scripts", "ensure-deps"), "nginx", "wrk"], check=True)
+    if not args.no_build:
+        subprocess.run(["cargo", "build", "--release", "-q", "--bin", "multihub-hub", "--bin", "multihub-slow-upstream"], cwd=ROOT, check=True)
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    bins = {"hub": os.path.join(target, "release", "multihub-hub"), "slow": os.path.join(target, "release", "multihub-slow-upstream")}
+
+    workdir = tempfile.mkdtemp(prefix="multihub-bench-")
+    base = Procs(workdir)
+    try:
+        ups = [free_port() for _ in range(3)]
+        up_servers = "".join(
+            f"  server {{ listen 127.0.0.1:{p}; location / {{ return 204; }} }}\n" for p in ups)
+        nginx(base, "upstreams", up_servers)
+        for p in ups:
+            wait_port(p)
+        slow = base.start([bins["slow"], "--listen", "127.0.0.1:0", "--delay-ms", "20"], "slow")
+        slow_port = None
+        log = os.path.join(workdir, "slow.log")
+        for _ in range(200):
+            text = open(log).read() if os.path.exists(log) else ""
+            m = re.search(r"listening 127\.0\.0\.1:(\d+)", text)
+            if m:
+                slow_port = int(m.group(1))
+                break
+            time.sleep(0.02)
+        if slow_port is None:
+            raise RuntimeError("slow upstream did not start")
+
+        if args.soak:
+            return soak(args, bins, ups, workdir)
+
+        rows = []
+        for name in args.scenarios.split(","):
+            print(f"running {name} ...", file=sys.stderr)
+            rows.extend(scenario(name, args, bins, ups, slow_port, workdir))
+    finally:
+        base.stop()
+
+    by = {(r["scenario"], r["server"]): r for r in rows}
+    for r in rows:
+        ref = by.get((r["scenario"], "nginx"))
+        r["ratio_vs_nginx"] = r["rps"] / ref["rps"] if ref and ref["rps"] else None
+        r.pop("raw", None)
+    header = f"{'scenario':<18} {'server':<9} {'rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/req':>10} {'rss MB':>7} {'errors':>6} {'dropped':>7} {'vs nginx':>8}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['scenario']:<18} {r['server']:<9} {r['rps']:>9.0f} {fmt(r['p50_ms'], '7.2f')} {fmt(r['p99_ms'], '7.2f')} "
+              f"{r['cpu_us_per_req']:>10.1f} {r['peak_rss_mb']:>7.1f} {r['errors']:>6} {fmt(r.get('dropped'), '7.0f')} "
+              f"{fmt(r['ratio_vs_nginx'], '7.2f')}x")
+    meta = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpus": os.cpu_count(),
+        "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
+        "connections": args.connections, "duration_s": args.duration, "wrk_threads": args.wrk_threads,
+        "hub_threads": args.hub_threads, "nginx_workers": 1,
+        "command": " ".join(["bench/run"] + sys.argv[1:]),
+    }
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench", "results", "latest.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def soak(args, bins, ups, workdir):
+    procs = Procs(workdir)
+    try:
+        p, port, admin = start_hub(procs, bins, "hub", hub_table("hub-a", {"u1": f"http://127.0.0.1:{ups[0]}"}, {"targets": ["u1"], "respond": "proxy"}), args.hub_threads)
+        script = wrk_script(workdir, 46)
+        cmd = ["wrk", f"-t{args.wrk_threads}", "-c256", f"-d{args.soak}s", "--latency", "-s", script, f"http://127.0.0.1:{port}/bench"]
+        w = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        samples = []
+        while w.poll() is None:
+            with open(f"/proc/{p.pid}/status") as f:
+                rss = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+            samples.append(rss / 1024.0)
+            time.sleep(10)
+        out = w.stdout.read()
+        errors = sum(int(x) for l in out.splitlines() if l.strip().startswith(("Socket errors", "Non-2xx")) for x in re.findall(r"\d+", l))
+        warm = samples[len(samples) // 5:] or samples
+        print(out)
+        print(f"soak {args.soak}s -c256: RSS MB samples {['%.1f' % s for s in samples]}; after warm-up min {min(warm):.1f} max {max(warm):.1f} "
+              f"({(max(warm) / min(warm) - 1) * 100:.1f}% spread); errors {errors}")
+    finally:
+        procs.stop()
+
+
+if __name__ == "__main__":
+    main()
