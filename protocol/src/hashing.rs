@@ -1,7 +1,6 @@
 //! Body representation and binding hashes (DESIGN §3), computed identically by hubs and providers.
 
 use sha2::{Digest, Sha256};
-use std::fmt::Write;
 
 /// `sha256=<64 hex>` of a body: the value of `x-hub-request-repr`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -13,11 +12,14 @@ impl Repr {
     }
 }
 
-/// Lower-case hex of `bytes`, written into `out`.
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Lower-case hex of `bytes`, written into `out` (table lookup: this runs on every request).
 pub fn hex_into(out: &mut String, bytes: &[u8]) {
+    out.reserve(bytes.len() * 2);
     for b in bytes {
-        // Writing into a String cannot fail.
-        let _ = write!(out, "{b:02x}");
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 0x0f)] as char);
     }
 }
 
@@ -63,6 +65,15 @@ pub fn operation_hex(request_id: &str, repr: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_matches_the_formatter() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        let mut s = String::new();
+        hex_into(&mut s, &bytes);
+        let want: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(s, want);
+    }
 
     #[test]
     fn repr_of_empty_body_is_the_known_digest() {

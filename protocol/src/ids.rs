@@ -48,7 +48,9 @@ pub fn validate_hub_id(s: &str) -> Result<(), IdError> {
 /// A fresh 128-bit request id, 32 lower-case hex digits.
 pub fn generate_request_id() -> String {
     let v: u128 = rand::random();
-    format!("{v:032x}")
+    let mut s = String::with_capacity(32);
+    crate::hashing::hex_into(&mut s, &v.to_be_bytes());
+    s
 }
 
 #[cfg(test)]

@@ -110,20 +110,25 @@ impl Deliverer {
 
     /// Sends the request and reads the response head. The returned session is positioned at
     /// the response body; hand it back with [`Deliverer::release`] once the body is fully read.
-    /// A pooled connection that fails before any response byte is retried once on a fresh one
-    /// (safe: the request was not answered, and providers deduplicate by request id).
-    pub async fn start(
+    /// `head` builds the request head (called again only for a retry). A pooled connection that
+    /// fails before any response byte is retried once on a fresh one (safe: the request was not
+    /// answered, and providers deduplicate by request id).
+    pub async fn start<F>(
         &self,
         peer: &HttpPeer,
-        req: &RequestHeader,
+        head: &F,
         body: &[u8],
-    ) -> Result<HttpSession, Failure> {
+    ) -> Result<HttpSession, Failure>
+    where
+        F: Fn() -> pingora_error::Result<RequestHeader>,
+    {
+        let broken = |e: pingora_error::BError| Failure::Broken(e.to_string());
         let (stream, reused) = self
             .transport
             .get_stream(peer)
             .await
             .map_err(|e| Failure::Refused(e.to_string()))?;
-        match Self::send(stream, peer, req, body).await {
+        match Self::send(stream, peer, Box::new(head().map_err(broken)?), body).await {
             Ok(s) => Ok(s),
             Err(ExchangeError::BeforeResponse(_)) if reused => {
                 let stream = self
@@ -131,7 +136,7 @@ impl Deliverer {
                     .new_stream(peer)
                     .await
                     .map_err(|e| Failure::Refused(e.to_string()))?;
-                Self::send(stream, peer, req, body)
+                Self::send(stream, peer, Box::new(head().map_err(broken)?), body)
                     .await
                     .map_err(|ExchangeError::BeforeResponse(e)| Failure::Broken(e))
             }
@@ -142,14 +147,12 @@ impl Deliverer {
     async fn send(
         stream: Stream,
         peer: &HttpPeer,
-        req: &RequestHeader,
+        req: Box<RequestHeader>,
         body: &[u8],
     ) -> Result<HttpSession, ExchangeError> {
         let before = |e: pingora_error::BError| ExchangeError::BeforeResponse(e.to_string());
         let mut s = HttpSession::new_with_options(stream, peer);
-        s.write_request_header(Box::new(req.clone()))
-            .await
-            .map_err(before)?;
+        s.write_request_header(req).await.map_err(before)?;
         if !body.is_empty() {
             s.write_body(body).await.map_err(before)?;
         }
@@ -168,15 +171,18 @@ impl Deliverer {
     }
 
     /// Sends one request and reads (drains) the whole response. `Ok(status)` is always a 2xx.
-    pub async fn deliver(
+    pub async fn deliver<F>(
         &self,
         peer: &HttpPeer,
-        req: &RequestHeader,
+        head: &F,
         body: &[u8],
         timeout: Duration,
-    ) -> Result<u16, Failure> {
-        let status = tokio::time::timeout(timeout, async {
-            let mut s = self.start(peer, req, body).await?;
+    ) -> Result<u16, Failure>
+    where
+        F: Fn() -> pingora_error::Result<RequestHeader>,
+    {
+        let status = pingora_timeout::timeout(timeout, async {
+            let mut s = self.start(peer, head, body).await?;
             let status = s.get_status().map(|c| c.as_u16()).unwrap_or(0);
             loop {
                 match s.read_body_bytes().await {
@@ -198,16 +204,19 @@ impl Deliverer {
     }
 
     /// Sends one request and captures the response (any status), the body up to `max_body`.
-    pub async fn fetch(
+    pub async fn fetch<F>(
         &self,
         peer: &HttpPeer,
-        req: &RequestHeader,
+        head: &F,
         body: &[u8],
         timeout: Duration,
         max_body: usize,
-    ) -> Result<Fetched, Failure> {
-        tokio::time::timeout(timeout, async {
-            let mut s = self.start(peer, req, body).await?;
+    ) -> Result<Fetched, Failure>
+    where
+        F: Fn() -> pingora_error::Result<RequestHeader>,
+    {
+        pingora_timeout::timeout(timeout, async {
+            let mut s = self.start(peer, head, body).await?;
             let status = s.get_status().map(|c| c.as_u16()).unwrap_or(0);
             let headers = s
                 .resp_header()

@@ -49,8 +49,9 @@ pub fn head_at(
 /// One request's deliveries: everything but the upstream index.
 pub struct Job<'a> {
     pub engine: &'a Engine,
-    /// Route id (metric label).
+    /// Route id (metric label) and index.
     pub route: &'a str,
+    pub route_index: usize,
     pub t: &'a HubTable,
     pub base: &'a RequestHeader,
     pub body: &'a Bytes,
@@ -71,7 +72,7 @@ impl Job<'_> {
             return (i, Err(Failure::Broken("unknown upstream".into())));
         };
         let permit = if self.wait {
-            match tokio::time::timeout(up.timeout, self.slots.acquire()).await {
+            match pingora_timeout::timeout(up.timeout, self.slots.acquire()).await {
                 Ok(Ok(p)) => p,
                 _ => return (i, Err(Failure::InFlightFull)),
             }
@@ -85,10 +86,7 @@ impl Job<'_> {
                 }
             }
         };
-        let head = match head_for(self.base, up) {
-            Ok(h) => h,
-            Err(e) => return (i, Err(Failure::Broken(e.to_string()))),
-        };
+        let head = || head_for(self.base, up);
         let started = Instant::now();
         let mut backoff = t.table.hub.retry_backoff;
         let mut attempt = 0;
@@ -101,7 +99,7 @@ impl Job<'_> {
             match r {
                 Err(f) if f.retryable() && attempt < self.retries => {
                     attempt += 1;
-                    tokio::time::sleep(backoff).await;
+                    pingora_timeout::sleep(backoff).await;
                     backoff = backoff.saturating_mul(2);
                 }
                 other => break other,

@@ -98,6 +98,7 @@ impl Hub {
                 let job = Job {
                     engine: &self.engine,
                     route: &route.id,
+                    route_index: plan.route,
                     t,
                     base: &base,
                     body: &body,
@@ -163,6 +164,7 @@ impl Hub {
         let busy = Busy::background(&engine);
         tokio::spawn(async move {
             let _busy = busy;
+            let route_index = route;
             let route = t
                 .table
                 .routes
@@ -172,6 +174,7 @@ impl Hub {
             let job = Job {
                 engine: &engine,
                 route,
+                route_index,
                 t: &t,
                 base: &base,
                 body: &body,
@@ -218,13 +221,16 @@ impl Hub {
         let (Some(up), Some(peer)) = (t.table.upstream(primary), t.peers.get(primary)) else {
             return Error::e_explain(ErrorType::InternalError, "unknown primary");
         };
-        let head = head_for(&base, up)?;
+        let head = || head_for(&base, up);
         let attempts = if idempotent(&base.method) { 2 } else { 1 };
         let mut last = Failure::Timeout;
         let mut started = None;
         for _ in 0..attempts {
-            match tokio::time::timeout(up.timeout, self.engine.deliverer.start(peer, &head, &body))
-                .await
+            match pingora_timeout::timeout(
+                up.timeout,
+                self.engine.deliverer.start(peer, &head, &body),
+            )
+            .await
             {
                 Ok(Ok(s)) => {
                     started = Some(s);
@@ -250,17 +256,16 @@ impl Hub {
             None => return Error::e_explain(ErrorType::InternalError, "no response head"),
         };
         let conn: Vec<String> = multihub_filters::forward::connection_tokens(&resp.headers);
-        let drop: Vec<http::HeaderName> = resp
-            .headers
-            .keys()
-            .filter(|k| {
-                let n = k.as_str();
-                (is_hop_by_hop(n) && n != "transfer-encoding") || conn.iter().any(|c| c == n)
-            })
-            .cloned()
-            .collect();
-        for k in drop {
-            resp.remove_header(&k);
+        let hop = |k: &http::HeaderName| {
+            let n = k.as_str();
+            (is_hop_by_hop(n) && n != "transfer-encoding") || conn.iter().any(|c| c == n)
+        };
+        if resp.headers.keys().any(hop) {
+            let drop: Vec<http::HeaderName> =
+                resp.headers.keys().filter(|k| hop(k)).cloned().collect();
+            for k in drop {
+                resp.remove_header(&k);
+            }
         }
         stamp(&mut resp, ctx)?;
         ctx.status = resp.status.as_u16();
@@ -271,7 +276,9 @@ impl Hub {
         }
         session.write_response_header(Box::new(resp), false).await?;
         loop {
-            let chunk = match tokio::time::timeout(up.timeout, up_session.read_body_bytes()).await {
+            let chunk = match pingora_timeout::timeout(up.timeout, up_session.read_body_bytes())
+                .await
+            {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Error::e_explain(ErrorType::ReadTimedout, "primary body stalled"),
@@ -311,6 +318,7 @@ impl Hub {
             let job = Job {
                 engine: &engine,
                 route: &r.id,
+                route_index: route,
                 t: &t,
                 base: &base,
                 body: &body,
@@ -348,14 +356,12 @@ impl Hub {
                     return (i, Err(Failure::Broken("unknown upstream".into())));
                 };
                 let wait = up.timeout.min(route.timeout);
-                let Ok(Ok(_permit)) = tokio::time::timeout(wait, engine.in_flight.acquire()).await
+                let Ok(Ok(_permit)) =
+                    pingora_timeout::timeout(wait, engine.in_flight.acquire()).await
                 else {
                     return (i, Err(Failure::InFlightFull));
                 };
-                let head = match head_for(base, up) {
-                    Ok(h) => h,
-                    Err(e) => return (i, Err(Failure::Broken(e.to_string()))),
-                };
+                let head = || head_for(base, up);
                 let r = engine
                     .deliverer
                     .fetch(peer, &head, body, wait, route.max_response_bytes)

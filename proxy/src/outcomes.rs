@@ -34,7 +34,7 @@ fn outcome_head(
     content_type: Option<&HeaderValue>,
     len: usize,
 ) -> Result<RequestHeader> {
-    let mut head = RequestHeader::build("POST", path.as_bytes(), Some(6))?;
+    let mut head = RequestHeader::build_no_case("POST", path.as_bytes(), Some(6))?;
     head.insert_header(http::header::HOST, host.clone())?;
     head.insert_header(REQUEST_ID, h.request_id.clone())?;
     head.insert_header(PROVIDER_ID, h.provider_id.clone())?;
@@ -198,7 +198,7 @@ async fn deliver_outcome(
     loop {
         match engine
             .deliverer
-            .deliver(&d.peer, &d.head, body, OUTCOME_TIMEOUT)
+            .deliver(&d.peer, &|| Ok(d.head.clone()), body, OUTCOME_TIMEOUT)
             .await
         {
             Ok(_) => {
@@ -211,7 +211,7 @@ async fn deliver_outcome(
             }
             Err(f) if f.retryable() && attempt < retries => {
                 attempt += 1;
-                tokio::time::sleep(backoff).await;
+                pingora_timeout::sleep(backoff).await;
                 backoff = backoff.saturating_mul(2);
             }
             Err(f) => {

@@ -6,7 +6,7 @@ use arc_swap::ArcSwap;
 use multihub_filters::source::Loaded;
 use multihub_filters::RoutingTable;
 use pingora_core::upstreams::peer::HttpPeer;
-use prometheus::Histogram;
+use prometheus::{Histogram, IntCounter};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,6 +34,8 @@ pub struct HubTable {
     pub unrouted_metrics: RouteMetrics,
     /// Per upstream: delivery duration.
     pub delivery_duration: Vec<Histogram>,
+    /// Per route, per upstream: `hub_deliveries_total{result="ok"}`.
+    pub delivered_ok: Vec<Vec<IntCounter>>,
     /// Per upstream: milliseconds since `epoch` until which it is considered down.
     down_until: Vec<AtomicU64>,
     epoch: Instant,
@@ -80,7 +82,23 @@ impl HubTable {
                     .with_label_values(&[u.id.as_str()])
             })
             .collect();
+        let delivered_ok = table
+            .routes
+            .iter()
+            .map(|r| {
+                table
+                    .upstreams
+                    .iter()
+                    .map(|u| {
+                        metrics
+                            .deliveries
+                            .with_label_values(&[r.id.as_str(), u.id.as_str(), "ok"])
+                    })
+                    .collect()
+            })
+            .collect();
         HubTable {
+            delivered_ok,
             peers,
             sink_peers,
             copy_slots,
