@@ -410,3 +410,62 @@ impl ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use multihub_protocol::hashing::{hex_into, repr_of};
+    use multihub_protocol::signal::Signal;
+
+    fn core(dir: &std::path::Path) -> Core {
+        let mut pk = String::new();
+        hex_into(
+            &mut pk,
+            SigningKey::from_bytes(&[1; 32]).verifying_key().as_bytes(),
+        );
+        let text = format!(
+            r#"{{"version":"t","listen":"127.0.0.1:1","admin_listen":"127.0.0.1:2",
+            "store":{{"path":"s.db"}},"providers":{{"p":{{"keys":[{{"public_key":"{pk}"}}]}}}},
+            "policy":{{"default":{{"all_of":["p"]}}}}}}"#
+        );
+        let config = Arc::new(crate::config::parse(&text, dir).unwrap_or_else(|e| panic!("{e}")));
+        let metrics = Arc::new(Metrics::new(&config).unwrap_or_else(|e| panic!("{e}")));
+        Core::start(config, metrics).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[tokio::test]
+    async fn intake_in_process() {
+        let dir = std::env::temp_dir().join(format!(
+            "assoc-core-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let _ = std::fs::create_dir_all(&dir);
+        let c = core(&dir);
+        assert!(c.ready());
+        let k = SigningKey::from_bytes(&[1; 32]);
+        let repr = repr_of(b"x");
+        let start = Signal::signed("r", repr.as_str(), "p", Stage::Start, "b", &k).to_bytes();
+        let done = Signal::signed("r", repr.as_str(), "p", Stage::Complete, "b", &k).to_bytes();
+        let other = Signal::signed("r", repr.as_str(), "p", Stage::Start, "c", &k).to_bytes();
+        let a = c.submit(Bytes::from(start.clone()), None).await;
+        assert_eq!(a.as_ref().map(|a| a.status), Ok(201));
+        let a = c.submit(Bytes::from(start), None).await;
+        assert_eq!(a.as_ref().map(|a| a.status), Ok(200));
+        let e = c.submit(Bytes::from(other), None).await;
+        assert!(matches!(e, Err(ApiError::Conflict(_))), "{e:?}");
+        let a = c.submit(Bytes::from(done), None).await;
+        let body: serde_json::Value = a
+            .map(|a| serde_json::from_slice(&a.body).unwrap_or_default())
+            .unwrap_or_default();
+        assert_eq!(body["confirmation"], 1, "{body}");
+        assert_eq!(*c.events.borrow(), 1);
+        let forged = Signal::signed("r", repr.as_str(), "q", Stage::Start, "b", &k).to_bytes();
+        let e = c.submit(Bytes::from(forged), None).await;
+        assert!(matches!(e, Err(ApiError::UnknownProvider(_))), "{e:?}");
+        let page = c.confirmations_after(0, 10).await.unwrap_or_default();
+        assert_eq!(page.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
