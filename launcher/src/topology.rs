@@ -87,7 +87,8 @@ fn sorted_dirs(conf: &Path, prefix: &str) -> Vec<PathBuf> {
 }
 
 impl Topology {
-    /// Reads `conf/`. Hub admin listeners get 127.0.0.1:9180, 9181, ... in hub order.
+    /// Reads `conf/`. A hub's admin listener is in `conf/hub-*/admin`, else 127.0.0.1:9180, 9181,
+    /// ... in hub order.
     pub fn load(conf: &Path) -> Result<Topology, LaunchError> {
         let mut hubs = Vec::new();
         let mut sink = None;
@@ -104,11 +105,15 @@ impl Topology {
             if sink.is_none() {
                 sink = t.outcome_sinks.first().and_then(|u| split_url(u));
             }
+            // The admin listener: `conf/hub-*/admin` (one line), else 127.0.0.1:9180 + index.
+            let admin = std::fs::read_to_string(dir.join("admin"))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| format!("127.0.0.1:{}", 9180 + i));
             hubs.push(HubSpec {
                 id: t.hub.id,
                 routes,
                 listen,
-                admin: format!("127.0.0.1:{}", 9180 + i),
+                admin,
             });
         }
         let mut providers = Vec::new();

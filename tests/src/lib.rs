@@ -6,6 +6,7 @@ pub mod http;
 pub mod procs;
 pub mod provider;
 pub mod recorder;
+pub mod topology;
 
 pub use http::{Conn, Response};
 pub use procs::{bin_path, free_port, run_bin, workspace_root, HubProc, TempDir};
