@@ -169,8 +169,8 @@ const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS keys(key_id TEXT PRIMARY KEY, public_hex TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS policies(sha256 TEXT PRIMARY KEY, id TEXT NOT NULL, version TEXT NOT NULL, bytes BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS requests(caller TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL,
-  request_id TEXT NOT NULL, state TEXT NOT NULL, status INTEGER, response BLOB,
-  PRIMARY KEY(caller, key)) WITHOUT ROWID;
+  request_id TEXT NOT NULL, state TEXT NOT NULL, seq INTEGER, held_response BLOB,
+  PRIMARY KEY(caller, key));
 CREATE TABLE IF NOT EXISTS receipts(seq INTEGER PRIMARY KEY, request_id TEXT NOT NULL, caller TEXT NOT NULL,
   key TEXT NOT NULL, body BLOB NOT NULL, sig TEXT NOT NULL, key_id TEXT NOT NULL, request BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS audit(seq INTEGER PRIMARY KEY, prev TEXT NOT NULL, receipt_sha256 TEXT NOT NULL,
@@ -179,7 +179,6 @@ CREATE TABLE IF NOT EXISTS ledger(account TEXT PRIMARY KEY, balance INTEGER NOT 
 CREATE TABLE IF NOT EXISTS outbox(id INTEGER PRIMARY KEY AUTOINCREMENT, dedup TEXT NOT NULL UNIQUE,
   kind TEXT NOT NULL, url TEXT NOT NULL, headers TEXT NOT NULL, body BLOB NOT NULL,
   state TEXT NOT NULL DEFAULT 'pending');
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(id) WHERE state = 'pending';
 CREATE TABLE IF NOT EXISTS escalations(request_id TEXT PRIMARY KEY, caller TEXT NOT NULL, key TEXT NOT NULL,
   delegation TEXT, request BLOB NOT NULL, repr TEXT NOT NULL, outcome_url TEXT, hub_path TEXT NOT NULL,
   state TEXT NOT NULL);
@@ -195,6 +194,10 @@ pub fn open(path: &Path) -> Result<Connection, ProviderError> {
     c.busy_timeout(std::time::Duration::from_secs(5))?;
     c.pragma_update(None, "journal_mode", "WAL")?;
     c.pragma_update(None, "synchronous", "FULL")?;
+    // A larger page cache keeps the hot B-tree pages in memory; checkpoints less often.
+    c.pragma_update(None, "cache_size", -65536)?;
+    c.pragma_update(None, "temp_store", "MEMORY")?;
+    c.pragma_update(None, "wal_autocheckpoint", 8192)?;
     c.execute_batch(SCHEMA)?;
     Ok(c)
 }
@@ -214,8 +217,8 @@ fn kind_of(s: &str) -> &'static str {
     }
 }
 
-/// (fingerprint, state, status, response) of a `requests` row.
-type RequestRow = (String, String, Option<u16>, Option<Vec<u8>>);
+/// (fingerprint, state, seq, held response) of a `requests` row.
+type RequestRow = (String, String, Option<i64>, Option<Vec<u8>>);
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -300,34 +303,38 @@ impl SqliteStore {
     }
 
     fn start(&self, s: &StartOp) -> Result<Applied, ProviderError> {
-        let row: Option<RequestRow> = self
+        // Common case first: a new key is one INSERT.
+        let inserted = self
             .conn
             .prepare_cached(
-                "SELECT fingerprint, state, status, response FROM requests WHERE caller = ?1 AND key = ?2",
+                "INSERT INTO requests(caller, key, fingerprint, request_id, state) VALUES (?1, ?2, ?3, ?4, 'pending')
+                 ON CONFLICT(caller, key) DO NOTHING",
             )?
-            .query_row(params![s.caller, s.key], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })
-            .optional()?;
-        let state = match row {
-            Some((fp, _, _, _)) if fp != s.fingerprint => {
-                return Ok(Applied::Start(StartState::Mismatch, Vec::new()))
-            }
-            Some((_, st, status, resp)) if st == "done" => StartState::Done {
-                status: status.unwrap_or(200),
-                response: resp.unwrap_or_default(),
-            },
-            Some((_, st, _, resp)) if st == "held" => StartState::Held {
-                response: resp.unwrap_or_default(),
-            },
-            Some(_) => StartState::Go,
-            None => {
-                self.conn
-                    .prepare_cached(
-                        "INSERT INTO requests(caller, key, fingerprint, request_id, state) VALUES (?1, ?2, ?3, ?4, 'pending')",
-                    )?
-                    .execute(params![s.caller, s.key, s.fingerprint, s.request_id])?;
-                StartState::Go
+            .execute(params![s.caller, s.key, s.fingerprint, s.request_id])?;
+        let state = if inserted == 1 {
+            StartState::Go
+        } else {
+            let row: Option<RequestRow> = self
+                .conn
+                .prepare_cached(
+                    "SELECT fingerprint, state, seq, held_response FROM requests WHERE caller = ?1 AND key = ?2",
+                )?
+                .query_row(params![s.caller, s.key], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .optional()?;
+            match row {
+                Some((fp, _, _, _)) if fp != s.fingerprint => {
+                    return Ok(Applied::Start(StartState::Mismatch, Vec::new()))
+                }
+                Some((_, st, Some(seq), _)) if st == "done" => StartState::Done {
+                    status: 200,
+                    response: self.response_of(seq)?,
+                },
+                Some((_, st, _, resp)) if st == "held" => StartState::Held {
+                    response: resp.unwrap_or_default(),
+                },
+                _ => StartState::Go,
             }
         };
         let mut out = Vec::new();
@@ -337,14 +344,34 @@ impl SqliteStore {
         Ok(Applied::Start(state, out))
     }
 
-    fn complete(&mut self, c: &CompleteOp) -> Result<Applied, ProviderError> {
-        let state: Option<String> = self
+    /// The stored answer of receipt `seq`, rebuilt from the receipt and its audit entry.
+    fn response_of(&self, seq: i64) -> Result<Vec<u8>, ProviderError> {
+        let (body, sig, kid, entry): (Vec<u8>, String, String, String) = self
             .conn
-            .prepare_cached("SELECT state FROM requests WHERE caller = ?1 AND key = ?2")?
-            .query_row(params![c.caller, c.key], |r| r.get(0))
-            .optional()?;
+            .prepare_cached(
+                "SELECT r.body, r.sig, r.key_id, a.entry_sha256 FROM receipts r JOIN audit a ON a.seq = r.seq WHERE r.seq = ?1",
+            )?
+            .query_row(params![seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        Ok(response_bytes(
+            &body,
+            &sig,
+            &kid,
+            u64::try_from(seq).unwrap_or(0),
+            &entry,
+        ))
+    }
+
+    fn complete(&mut self, c: &CompleteOp) -> Result<Applied, ProviderError> {
+        let seq = self.last_seq + 1;
+        let seq_i = i64::try_from(seq).map_err(|_| ProviderError::StoreState("seq".into()))?;
         let want = if c.from_held { "held" } else { "pending" };
-        if state.as_deref() != Some(want) {
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE requests SET state = 'done', seq = ?3 WHERE caller = ?1 AND key = ?2 AND state = ?4",
+            )?
+            .execute(params![c.caller, c.key, seq_i, want])?;
+        if n != 1 {
             return Ok(Applied::NotCompletable);
         }
         if let Some(e) = &c.effect {
@@ -355,9 +382,7 @@ impl SqliteStore {
                 )?
                 .execute(params![e.account, e.delta])?;
         }
-        let seq = self.last_seq + 1;
         let entry = AuditEntry::next(seq, &self.last_entry, &c.receipt_sha256, now_ms());
-        let seq_i = i64::try_from(seq).map_err(|_| ProviderError::StoreState("seq".into()))?;
         self.conn
             .prepare_cached(
                 "INSERT INTO receipts(seq, request_id, caller, key, body, sig, key_id, request) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -384,11 +409,6 @@ impl SqliteStore {
                 i64::try_from(entry.recorded_at).unwrap_or(i64::MAX)
             ])?;
         let response = response_bytes(&c.receipt, &c.sig, &c.key_id, seq, &entry.entry_sha256);
-        self.conn
-            .prepare_cached(
-                "UPDATE requests SET state = 'done', status = 200, response = ?3 WHERE caller = ?1 AND key = ?2",
-            )?
-            .execute(params![c.caller, c.key, response])?;
         if c.from_held {
             self.conn
                 .prepare_cached("UPDATE escalations SET state = 'decided' WHERE request_id = ?1")?
@@ -426,7 +446,7 @@ impl SqliteStore {
             params![h.request_id, h.caller, h.key, h.delegation, h.request, h.repr, h.outcome_url, h.hub_path],
         )?;
         let n = self.conn.execute(
-            "UPDATE requests SET state = 'held', status = 202, response = ?3 WHERE caller = ?1 AND key = ?2 AND state = 'pending'",
+            "UPDATE requests SET state = 'held', held_response = ?3 WHERE caller = ?1 AND key = ?2 AND state = 'pending'",
             params![h.caller, h.key, response],
         )?;
         if n != 1 {
@@ -509,9 +529,8 @@ impl SqliteStore {
                 Ok(Applied::Revoked(n == 1))
             }
             Op::OutboxAck(ids) => {
-                let mut del = self
-                    .conn
-                    .prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+                let mut delivered = String::with_capacity(ids.len() * 8 + 2);
+                delivered.push('[');
                 let mut conflict = self
                     .conn
                     .prepare_cached("UPDATE outbox SET state = 'conflict' WHERE id = ?1")?;
@@ -519,9 +538,18 @@ impl SqliteStore {
                     if *c {
                         conflict.execute(params![id])?;
                     } else {
-                        del.execute(params![id])?;
+                        if delivered.len() > 1 {
+                            delivered.push(',');
+                        }
+                        delivered.push_str(&id.to_string());
                     }
                 }
+                delivered.push(']');
+                self.conn
+                    .prepare_cached(
+                        "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?1))",
+                    )?
+                    .execute(params![delivered])?;
                 Ok(Applied::Acked)
             }
             Op::PendingOutbox { after, limit } => self.pending(*after, *limit),
@@ -537,11 +565,11 @@ impl Store for SqliteStore {
     }
 
     fn apply(&mut self, op: &Op) -> Result<Applied, ProviderError> {
-        self.conn.execute_batch("SAVEPOINT op")?;
+        self.conn.prepare_cached("SAVEPOINT op")?.execute([])?;
         let (seq, entry) = (self.last_seq, self.last_entry.clone());
         match self.apply_inner(op) {
             Ok(a) => {
-                self.conn.execute_batch("RELEASE op")?;
+                self.conn.prepare_cached("RELEASE op")?.execute([])?;
                 Ok(a)
             }
             Err(e) => {
