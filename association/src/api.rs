@@ -128,12 +128,12 @@ impl HttpServerApp for Api {
                 (Endpoint::Confirmations, answer(&mut session, r).await)
             }
             (Method::GET, "/events") => {
-                let ok = self.events(&mut session, query.as_deref(), shutdown).await;
-                // An event stream never returns its connection.
+                // An event stream (or its refusal) never returns its connection. The result
+                // only says whether the stream ended cleanly.
+                let _clean = self.events(&mut session, query.as_deref(), shutdown).await;
                 self.core
                     .metrics
                     .request(Endpoint::Events, started.elapsed().as_secs_f64());
-                let _ = ok;
                 return None;
             }
             (Method::GET, p) if p.starts_with("/operations/") => {
@@ -198,6 +198,8 @@ impl Api {
 
     /// `GET /events`: Server-Sent Events of confirmations, resuming after `Last-Event-ID`
     /// (or `?after=`). Each event is `id: <seq>`, `event: confirmation`, `data: <json>`.
+    /// Returns true when the stream ended cleanly (shutdown), false when the client left or a
+    /// write failed.
     async fn events(
         &self,
         session: &mut ServerSession,
