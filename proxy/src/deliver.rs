@@ -7,12 +7,13 @@
 
 use bytes::Bytes;
 use pingora_core::connectors::{ConnectorOptions, TransportConnector};
-use pingora_core::protocols::http::v1::client::HttpSession;
+use pingora_core::protocols::http::v1::client::{http_req_header_to_wire, HttpSession};
 use pingora_core::protocols::Stream;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_http::RequestHeader;
 use std::fmt;
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 
 /// Why a delivery did not end in a 2xx.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,18 +146,32 @@ impl Deliverer {
     }
 
     async fn send(
-        stream: Stream,
+        mut stream: Stream,
         peer: &HttpPeer,
         req: Box<RequestHeader>,
         body: &[u8],
     ) -> Result<HttpSession, ExchangeError> {
         let before = |e: pingora_error::BError| ExchangeError::BeforeResponse(e.to_string());
-        let mut s = HttpSession::new_with_options(stream, peer);
-        s.write_request_header(req).await.map_err(before)?;
-        if !body.is_empty() {
-            s.write_body(body).await.map_err(before)?;
+        if req.method == http::Method::HEAD {
+            // The session must know about HEAD to read a response without a body.
+            let mut s = HttpSession::new_with_options(stream, peer);
+            s.write_request_header(req).await.map_err(before)?;
+            s.finish_body().await.map_err(before)?;
+            s.read_response().await.map_err(before)?;
+            return Ok(s);
         }
-        s.finish_body().await.map_err(before)?;
+        // Head and body in one write: Pingora's client flushes the head on its own, which costs a
+        // second send (and on loopback a second trip through the receiver's stack) per delivery.
+        // Our heads never ask for an upgrade or `Connection: close`, which is all the session
+        // needs the written request for besides HEAD.
+        let mut wire = http_req_header_to_wire(&req).ok_or_else(|| {
+            ExchangeError::BeforeResponse("request head cannot be encoded".into())
+        })?;
+        wire.extend_from_slice(body);
+        let io = |e: std::io::Error| ExchangeError::BeforeResponse(e.to_string());
+        stream.write_all(&wire).await.map_err(io)?;
+        stream.flush().await.map_err(io)?;
+        let mut s = HttpSession::new_with_options(stream, peer);
         s.read_response().await.map_err(before)?;
         Ok(s)
     }

@@ -5,6 +5,11 @@ use multihub_proxy::cli::{Cli, Command, RoutesCmd};
 use multihub_proxy::{logger, reload, server, HubError};
 use std::process::ExitCode;
 
+/// mimalloc instead of glibc malloc: the hub allocates and frees small buffers per request on
+/// several threads; glibc's malloc/free showed ~12% of the hub's CPU in the profile.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logger::init();
