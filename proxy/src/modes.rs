@@ -54,6 +54,13 @@ struct CollectBody<'a> {
     responses: Vec<Collected<'a>>,
 }
 
+/// Which in-flight bound background deliveries count against.
+#[derive(Clone, Copy)]
+enum Bound {
+    Hub,
+    Copies,
+}
+
 /// Methods whose request may be sent twice without a different effect (RFC 9110 §9.2.2).
 fn idempotent(m: &http::Method) -> bool {
     matches!(
@@ -91,7 +98,7 @@ impl Hub {
         match route.delivery {
             Delivery::Async => {
                 ctx.delivered = list.len() as u16;
-                self.spawn_background(t, plan.route, base, body, list, route.order);
+                self.spawn_background(t, plan.route, base, body, list, Bound::Hub);
                 Self::respond(session, ctx, 204, None).await
             }
             Delivery::Confirmed => {
@@ -149,48 +156,6 @@ impl Hub {
         }
     }
 
-    /// Delivers in the background against the hub-wide in-flight bound, with retries.
-    fn spawn_background(
-        &self,
-        t: &Arc<HubTable>,
-        route: usize,
-        base: RequestHeader,
-        body: Bytes,
-        list: Vec<usize>,
-        order: Order,
-    ) {
-        let engine = self.engine.clone();
-        let t = t.clone();
-        let busy = Busy::background(&engine);
-        tokio::spawn(async move {
-            let _busy = busy;
-            let route_index = route;
-            let route = t
-                .table
-                .routes
-                .get(route)
-                .map(|r| r.id.as_str())
-                .unwrap_or("");
-            let job = Job {
-                engine: &engine,
-                route,
-                route_index,
-                t: &t,
-                base: &base,
-                body: &body,
-                slots: &engine.in_flight,
-                wait: false,
-                retries: t.table.hub.async_retries,
-            };
-            for (i, r) in job.deliver_all(order, &list).await {
-                if let Err(f) = r {
-                    let id = t.table.upstream(i).map(|u| u.id.as_str()).unwrap_or("?");
-                    log::debug!("background delivery to {id} failed: {f}");
-                }
-            }
-        });
-    }
-
     /// `respond: proxy`: the first selected target's response streams back verbatim; every
     /// other target and relay peer gets a copy in the background that never delays it.
     pub(crate) async fn proxy(
@@ -214,7 +179,14 @@ impl Hub {
                     self.engine.metrics.drop(DropReason::CopyTooLarge);
                 }
             } else {
-                self.spawn_copies(t, plan.route, &base, &body, copies);
+                self.spawn_background(
+                    t,
+                    plan.route,
+                    base.clone(),
+                    body.clone(),
+                    copies,
+                    Bound::Copies,
+                );
             }
         }
 
@@ -295,25 +267,33 @@ impl Hub {
         Ok(())
     }
 
-    /// Copies of a `proxy` request, bounded per route: no slot = skipped and counted.
-    fn spawn_copies(
+    /// Delivers `list` in the background; never waits for a slot (none free = dropped and
+    /// counted). `Bound::Hub` counts against `hub.max_in_flight` and retries (`accept` +
+    /// `async`); `Bound::Copies` against the route's `copies.max_in_flight`, one attempt
+    /// (`proxy` copies).
+    fn spawn_background(
         &self,
         t: &Arc<HubTable>,
         route: usize,
-        base: &RequestHeader,
-        body: &Bytes,
-        copies: Vec<usize>,
+        base: RequestHeader,
+        body: Bytes,
+        list: Vec<usize>,
+        bound: Bound,
     ) {
         let engine = self.engine.clone();
         let t = t.clone();
-        let base = base.clone();
-        let body = body.clone();
         let busy = Busy::background(&engine);
         tokio::spawn(async move {
             let _busy = busy;
-            let (Some(slots), Some(r)) = (t.copy_slots.get(route), t.table.routes.get(route))
-            else {
+            let Some(r) = t.table.routes.get(route) else {
                 return;
+            };
+            let (slots, retries, order) = match bound {
+                Bound::Hub => (&*engine.in_flight, t.table.hub.async_retries, r.order),
+                Bound::Copies => match t.copy_slots.get(route) {
+                    Some(s) => (s, 0, Order::Parallel),
+                    None => return,
+                },
             };
             let job = Job {
                 engine: &engine,
@@ -324,12 +304,12 @@ impl Hub {
                 body: &body,
                 slots,
                 wait: false,
-                retries: 0,
+                retries,
             };
-            for (i, r) in job.deliver_all(Order::Parallel, &copies).await {
+            for (i, r) in job.deliver_all(order, &list).await {
                 if let Err(f) = r {
                     let id = t.table.upstream(i).map(|u| u.id.as_str()).unwrap_or("?");
-                    log::debug!("copy to {id} failed: {f}");
+                    log::debug!("background delivery to {id} failed: {f}");
                 }
             }
         });
