@@ -109,20 +109,25 @@ pub trait SignalStore: Send {
 }
 
 const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS operations (
+    op_seq    INTEGER PRIMARY KEY,
+    operation TEXT NOT NULL UNIQUE
+);
 CREATE TABLE IF NOT EXISTS signals (
     seq            INTEGER PRIMARY KEY,
-    operation      TEXT NOT NULL,
+    op_seq         INTEGER NOT NULL REFERENCES operations (op_seq),
     provider       TEXT NOT NULL,
     stage          TEXT NOT NULL,
     route          TEXT,
     digest         BLOB NOT NULL,
     bytes          BLOB NOT NULL,
     received_at_ms INTEGER NOT NULL,
-    UNIQUE (operation, provider, stage)
+    UNIQUE (op_seq, provider, stage)
 );
 CREATE TABLE IF NOT EXISTS confirmations (
     seq             INTEGER PRIMARY KEY,
-    operation       TEXT NOT NULL UNIQUE,
+    op_seq          INTEGER NOT NULL UNIQUE REFERENCES operations (op_seq),
+    operation       TEXT NOT NULL,
     linkage         TEXT NOT NULL,
     providers       TEXT NOT NULL,
     policy          TEXT NOT NULL,
@@ -137,6 +142,8 @@ const CACHE_CAP: usize = 250_000;
 /// What the writer knows about one operation (mirrors the committed rows).
 #[derive(Debug, Default)]
 struct OpState {
+    /// Row of `operations`, once the first signal is recorded.
+    op_seq: Option<i64>,
     signals: OpSignals,
     seqs: Vec<i64>,
     route: Option<String>,
@@ -211,7 +218,10 @@ fn fix_providers(v: Vec<(Confirmation, String)>) -> Result<Vec<Confirmation>, St
         .collect()
 }
 
-const SIGNAL_COLS: &str = "seq, operation, provider, stage, route, digest, bytes, received_at_ms";
+/// Signal columns, from `signals s JOIN operations o`.
+const SIGNAL_COLS: &str =
+    "s.seq, o.operation, s.provider, s.stage, s.route, s.digest, s.bytes, s.received_at_ms";
+const SIGNAL_FROM: &str = "signals s JOIN operations o ON o.op_seq = s.op_seq";
 const CONF_COLS: &str = "seq, operation, linkage, providers, policy, signal_seq, confirmed_at_ms";
 
 impl SqliteStore {
@@ -252,35 +262,39 @@ impl SqliteStore {
         operation: &str,
     ) -> Result<&'c mut OpState, StoreError> {
         if !cache.contains_key(operation) {
-            let mut sel = conn.prepare_cached(
-                "SELECT seq, provider, stage, route, digest FROM signals WHERE operation = ?1 ORDER BY seq",
-            )?;
-            let rows = sel
-                .query_map([operation], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, Option<String>>(3)?,
-                        r.get::<_, Vec<u8>>(4)?,
-                    ))
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
             let mut st = OpState::default();
-            for (seq, provider, stage, route, digest) in rows {
-                let d: [u8; 32] = digest
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("digest length".into()))?;
-                if st.route.is_none() {
-                    st.route = route;
+            let mut find =
+                conn.prepare_cached("SELECT op_seq FROM operations WHERE operation = ?1")?;
+            st.op_seq = find
+                .query_row([operation], |r| r.get::<_, i64>(0))
+                .optional()?;
+            if let Some(op_seq) = st.op_seq {
+                let mut sel = conn.prepare_cached(
+                    "SELECT seq, provider, stage, route, digest FROM signals WHERE op_seq = ?1 ORDER BY seq",
+                )?;
+                let rows = sel
+                    .query_map([op_seq], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, Option<String>>(3)?,
+                            r.get::<_, Vec<u8>>(4)?,
+                        ))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                for (seq, provider, stage, route, digest) in rows {
+                    let d: [u8; 32] = digest
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt("digest length".into()))?;
+                    if st.route.is_none() {
+                        st.route = route;
+                    }
+                    st.signals.entries.push((provider, stage_of(&stage)?, d));
+                    st.seqs.push(seq);
                 }
-                st.signals.entries.push((provider, stage_of(&stage)?, d));
-                st.seqs.push(seq);
-            }
-            if !st.seqs.is_empty() {
-                let mut c =
-                    conn.prepare_cached("SELECT 1 FROM confirmations WHERE operation = ?1")?;
-                st.confirmed = c.exists([operation])?;
+                let mut c = conn.prepare_cached("SELECT 1 FROM confirmations WHERE op_seq = ?1")?;
+                st.confirmed = c.exists([op_seq])?;
             }
             cache.insert(operation.to_string(), st);
         }
@@ -314,12 +328,23 @@ impl SqliteStore {
                 });
             }
         }
+        let op_seq = match st.op_seq {
+            Some(o) => o,
+            None => {
+                let mut op =
+                    conn.prepare_cached("INSERT INTO operations (operation) VALUES (?1)")?;
+                op.execute([&s.operation])?;
+                let o = conn.last_insert_rowid();
+                st.op_seq = Some(o);
+                o
+            }
+        };
         let mut ins = conn.prepare_cached(
-            "INSERT INTO signals (operation, provider, stage, route, digest, bytes, received_at_ms)
+            "INSERT INTO signals (op_seq, provider, stage, route, digest, bytes, received_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
         ins.execute(params![
-            s.operation,
+            op_seq,
             s.provider,
             s.stage.as_str(),
             s.route,
@@ -345,10 +370,11 @@ impl SqliteStore {
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 let policy_name = name.to_string();
                 let mut c = conn.prepare_cached(
-                    "INSERT INTO confirmations (operation, linkage, providers, policy, signal_seq, confirmed_at_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (operation) DO NOTHING",
+                    "INSERT INTO confirmations (op_seq, operation, linkage, providers, policy, signal_seq, confirmed_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (op_seq) DO NOTHING",
                 )?;
                 let n = c.execute(params![
+                    op_seq,
                     s.operation,
                     linkage,
                     providers_json,
@@ -417,7 +443,7 @@ impl SignalStore for SqliteStore {
 
     fn signals_of(&mut self, operation: &str) -> Result<Vec<StoredSignal>, StoreError> {
         let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {SIGNAL_COLS} FROM signals WHERE operation = ?1 ORDER BY seq"
+            "SELECT {SIGNAL_COLS} FROM {SIGNAL_FROM} WHERE o.operation = ?1 ORDER BY s.seq"
         ))?;
         let v = st
             .query_map([operation], signal_row)?
@@ -427,7 +453,8 @@ impl SignalStore for SqliteStore {
 
     fn confirmation_of(&mut self, operation: &str) -> Result<Option<Confirmation>, StoreError> {
         let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {CONF_COLS} FROM confirmations WHERE operation = ?1"
+            "SELECT {CONF_COLS} FROM confirmations
+             WHERE op_seq = (SELECT op_seq FROM operations WHERE operation = ?1)"
         ))?;
         let v = st.query_row([operation], confirmation_row).optional()?;
         Ok(fix_providers(v.into_iter().collect())?.pop())
@@ -449,7 +476,7 @@ impl SignalStore for SqliteStore {
 
     fn signals_after(&mut self, after: i64, limit: usize) -> Result<Vec<StoredSignal>, StoreError> {
         let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {SIGNAL_COLS} FROM signals WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+            "SELECT {SIGNAL_COLS} FROM {SIGNAL_FROM} WHERE s.seq > ?1 ORDER BY s.seq LIMIT ?2"
         ))?;
         let v = st
             .query_map(params![after, limit as i64], signal_row)?
