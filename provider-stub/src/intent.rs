@@ -159,11 +159,15 @@ impl ParsedIntent {
             }
             Some(_) => return Err(err("params", "must be an object")),
         };
+        let intent = Intent {
+            op: op.clone(),
+            target: target.clone(),
+            amount,
+            params: params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        };
         let value = serde_json::json!({
             "op": op, "target": target, "amount": amount, "params": Value::Object(params),
         });
-        let intent: Intent =
-            serde_json::from_value(value.clone()).map_err(|e| err("body", e.to_string()))?;
         let canonical = canonical(&value);
         let fingerprint = sha256_hex(&canonical);
         Ok(ParsedIntent {

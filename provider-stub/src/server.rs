@@ -102,8 +102,7 @@ impl ServeHttp for IngestApp {
                 return to_response(e.into());
             }
         };
-        let headers = s.req_header().headers.clone();
-        to_response(self.provider.ingest(&headers, &body).await)
+        to_response(self.provider.ingest(&s.req_header().headers, &body).await)
     }
 }
 

@@ -188,6 +188,64 @@ async fn fetch_metrics(admin: &str) -> String {
     out
 }
 
+/// CPU seconds (user + system) used so far by each thread of process `pid`, by thread name.
+fn cpu_by_thread(pid: u32) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = Vec::new();
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let (Some(l), Some(r)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[l + 1..r].to_string();
+        let f: Vec<&str> = stat[r + 2..].split(' ').collect();
+        // Fields 14 and 15 of stat (utime, stime) are at 11 and 12 after the name.
+        let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some(x) => x.1 += ticks / 100.0,
+            None => out.push((name, ticks / 100.0)),
+        }
+    }
+    out
+}
+
+/// Fraction of both cores busy during the last `secs` (from /proc/loadavg is too coarse; use
+/// /proc/stat deltas kept in a static).
+fn busy_fraction(_secs: f64) -> f64 {
+    static PREV: std::sync::Mutex<Option<(f64, f64)>> = std::sync::Mutex::new(None);
+    let now = proc_stat();
+    let mut prev = PREV.lock().unwrap_or_else(|e| e.into_inner());
+    let r = match (*prev, now) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => (b1 - b0) / (t1 - t0),
+        _ => 0.0,
+    };
+    *prev = now;
+    r
+}
+
+/// (busy, total) jiffies of all CPUs.
+fn proc_stat() -> Option<(f64, f64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = s.lines().next()?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: f64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    Some((total - idle, total))
+}
+
+fn total(v: &[(String, f64)]) -> f64 {
+    v.iter().map(|(_, c)| c).sum()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -262,10 +320,15 @@ async fn main() -> Result<(), String> {
     tokio::time::sleep(Duration::from_secs(a.warmup)).await;
     let sig0 = signals.load(Ordering::Relaxed);
     measuring.store(true, Ordering::SeqCst);
+    let cpu0 = cpu_by_thread(child.id());
+    let me0 = total(&cpu_by_thread(std::process::id()));
+    busy_fraction(0.0);
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(a.seconds)).await;
     measuring.store(false, Ordering::SeqCst);
     let elapsed = t0.elapsed().as_secs_f64();
+    let cpu1 = cpu_by_thread(child.id());
+    let me1 = total(&cpu_by_thread(std::process::id()));
     let sig1 = signals.load(Ordering::Relaxed);
     stop.store(true, Ordering::SeqCst);
     for t in tasks {
@@ -279,6 +342,36 @@ async fn main() -> Result<(), String> {
         a.threads,
         bad.load(Ordering::Relaxed)
     );
+    if n > 0 {
+        let per = |c: f64| 1e6 * c / n as f64;
+        let mut parts: Vec<String> = cpu1
+            .iter()
+            .map(|(name, c1)| {
+                let c0 = cpu0
+                    .iter()
+                    .find(|(x, _)| x == name)
+                    .map(|x| x.1)
+                    .unwrap_or(0.0);
+                (name.clone(), c1 - c0)
+            })
+            .filter(|(_, c)| *c > 0.0)
+            .map(|(name, c)| format!("{name} {:.0}", per(c)))
+            .collect();
+        parts.sort();
+        let prov = total(&cpu1) - total(&cpu0);
+        let drv = me1 - me0;
+        println!(
+            "cpu per receipt: provider {:.0} us ({}), driver + dummy association {:.0} us; machine busy {:.0}% incl. other tenants",
+            per(prov),
+            parts.join(", "),
+            per(drv),
+            100.0 * busy_fraction(elapsed)
+        );
+        println!(
+            "cpu-bound ceiling on 2 idle cores (provider + driver): {:.0} receipts/s",
+            2.0e6 / (per(prov) + per(drv))
+        );
+    }
     println!(
         "signals acknowledged by the dummy association during the window: {:.0}/s",
         (sig1 - sig0) as f64 / elapsed
