@@ -315,6 +315,7 @@ def main():
     ap.add_argument("--scenarios", default="proxy,fanout3_confirmed,fanout3_async,slow_copy,relay,body_64k")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--soak", type=int, default=0, metavar="SECONDS", help="instead: soak the hub proxy scenario at -c256 and sample RSS")
+    ap.add_argument("--services", action="store_true", help="also run bench/provider and bench/association and add their rows")
     args = ap.parse_args()
     if args.duration is None:
         args.duration = 2 if args.quick else 6
@@ -357,6 +358,7 @@ def main():
     finally:
         base.stop()
 
+    services = run_services(args) if args.services else []
     by = {(r["scenario"], r["server"]): r for r in rows}
     for r in rows:
         ref = by.get((r["scenario"], "nginx"))
@@ -369,6 +371,8 @@ def main():
         print(f"{r['scenario']:<18} {r['server']:<9} {r['rps']:>9.0f} {fmt(r['p50_ms'], '7.2f')} {fmt(r['p99_ms'], '7.2f')} "
               f"{r['cpu_us_per_req']:>10.1f} {r['peak_rss_mb']:>7.1f} {r['errors']:>6} {fmt(r.get('dropped'), '7.0f')} "
               f"{fmt(r['ratio_vs_nginx'], '7.2f')}x")
+    for sv in services:
+        print(f"{sv['scenario']:<18} {sv['server']:<9} {sv['rate']:>9.0f} {sv['unit']}  ({sv['command']})")
     meta = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpus": os.cpu_count(),
@@ -379,8 +383,22 @@ def main():
     }
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", "latest.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        json.dump({"meta": meta, "rows": rows, "services": services}, f, indent=2)
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_services(args):
+    """Provider receipts/s and association signals/s from their own drivers (their own rows)."""
+    out = []
+    for name, cmd, unit in [("provider", ["bench/provider"], "receipts/s"), ("association", ["bench/association"], "signals/s")]:
+        if not os.path.exists(os.path.join(ROOT, cmd[0])):
+            continue
+        print(f"running {name} ...", file=sys.stderr)
+        text = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).stdout
+        rates = [float(m.group(1)) for m in re.finditer(r"([\d.]+)\s*" + re.escape(unit), text)]
+        out.append({"scenario": f"{name}_{unit.split('/')[0]}", "server": "multihub", "rate": max(rates) if rates else 0.0,
+                    "unit": unit, "command": " ".join(cmd), "tail": text.strip().splitlines()[-5:]})
+    return out
 
 
 def soak(args, bins, ups, workdir):
