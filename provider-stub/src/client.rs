@@ -15,7 +15,12 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Client {
     transport: TransportConnector,
+    /// Parsed destinations by URL: the peer and a request head without per-request headers.
+    /// Bounded: cleared when it grows past `MAX_CACHED`.
+    cache: std::sync::Mutex<std::collections::HashMap<String, (HttpPeer, RequestHeader)>>,
 }
+
+const MAX_CACHED: usize = 1024;
 
 enum Fail {
     BeforeResponse(String),
@@ -28,6 +33,7 @@ impl Client {
         opts.keepalive_pool_size = pool_size;
         Client {
             transport: TransportConnector::new(Some(opts)),
+            cache: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -39,6 +45,33 @@ impl Client {
         body: &[u8],
         timeout: Duration,
     ) -> Result<u16, String> {
+        let cached = self.cache.lock().ok().and_then(|c| c.get(url).cloned());
+        let (peer, mut req) = match cached {
+            Some(x) => x,
+            None => {
+                let x = Self::destination(url)?;
+                if let Ok(mut c) = self.cache.lock() {
+                    if c.len() >= MAX_CACHED {
+                        c.clear();
+                    }
+                    c.insert(url.to_string(), x.clone());
+                }
+                x
+            }
+        };
+        req.insert_header("content-length", body.len().to_string())
+            .map_err(|e| e.to_string())?;
+        for (k, v) in headers {
+            req.insert_header(k.clone(), v.as_str())
+                .map_err(|e| e.to_string())?;
+        }
+        match tokio::time::timeout(timeout, self.post_inner(&peer, &req, body)).await {
+            Ok(r) => r,
+            Err(_) => Err("timeout".into()),
+        }
+    }
+
+    fn destination(url: &str) -> Result<(HttpPeer, RequestHeader), String> {
         let u = HttpUrl::parse(url)?;
         let peer = HttpPeer::new(u.authority.as_str(), false, String::new());
         let path = if u.path.is_empty() {
@@ -52,16 +85,7 @@ impl Client {
             .map_err(|e| e.to_string())?;
         req.insert_header("content-type", "application/json")
             .map_err(|e| e.to_string())?;
-        req.insert_header("content-length", body.len().to_string())
-            .map_err(|e| e.to_string())?;
-        for (k, v) in headers {
-            req.insert_header(k.clone(), v.as_str())
-                .map_err(|e| e.to_string())?;
-        }
-        match tokio::time::timeout(timeout, self.post_inner(&peer, &req, body)).await {
-            Ok(r) => r,
-            Err(_) => Err("timeout".into()),
-        }
+        Ok((peer, req))
     }
 
     async fn post_inner(

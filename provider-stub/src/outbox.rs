@@ -68,7 +68,12 @@ impl Outbox {
     async fn run(&self, mut shutdown: ShutdownWatch) {
         let sem = Arc::new(Semaphore::new(self.conf.concurrency));
         let (ack_tx, ack_rx) = mpsc::channel::<(i64, bool)>(self.conf.queue);
-        tokio::spawn(acker(ack_rx, self.writer.clone(), self.known.clone()));
+        tokio::spawn(acker(
+            ack_rx,
+            self.writer.clone(),
+            self.known.clone(),
+            self.feed.clone(),
+        ));
         let mut rx = self.rx.lock().await;
         loop {
             // Rescan the store when rows could not be queued (or at start).
@@ -173,23 +178,27 @@ impl Outbox {
 }
 
 /// Batches acknowledgements into store writes; ids leave `known` once the write is durable.
+/// When the write fails the rows stay pending in the store: they leave `known` and a rescan is
+/// requested, so they are sent again (identical bytes).
 async fn acker(
     mut rx: mpsc::Receiver<(i64, bool)>,
     writer: Writer,
     known: Arc<Mutex<HashSet<i64>>>,
+    feed: OutboxFeed,
 ) {
     let mut buf = Vec::new();
     while rx.recv_many(&mut buf, 4096).await > 0 {
         let ids: Vec<(i64, bool)> = std::mem::take(&mut buf);
-        match writer.run(Op::OutboxAck(ids.clone())).await {
-            Ok(_) => {
-                if let Ok(mut k) = known.lock() {
-                    for (id, _) in &ids {
-                        k.remove(id);
-                    }
-                }
+        let res = writer.run(Op::OutboxAck(ids.clone())).await;
+        if let Err(e) = &res {
+            log::warn!("outbox ack not stored ({e}); rows will be sent again");
+            feed.overflow.store(true, Ordering::SeqCst);
+            feed.wake.notify_one();
+        }
+        if let Ok(mut k) = known.lock() {
+            for (id, _) in &ids {
+                k.remove(id);
             }
-            Err(e) => log::warn!("outbox ack not stored ({e}); rows will be sent again"),
         }
     }
 }
