@@ -220,4 +220,45 @@ mod tests {
             r#"{"amount":1,"op":"t","params":{},"target":"a"}"#
         );
     }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn json_int() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                (-(MAX_SAFE_INTEGER as i64)..=(MAX_SAFE_INTEGER as i64)).prop_map(Value::from),
+                "[a-z\u{e9}\u{1F600}\\\"]{0,6}".prop_map(Value::from),
+                any::<bool>().prop_map(Value::from),
+                Just(Value::Null),
+            ];
+            leaf.prop_recursive(3, 16, 4, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    proptest::collection::btree_map("[a-z]{1,4}", inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn canonical_intent_round_trips(
+                op in "[a-z]{1,8}", target in "[a-z0-9-]{1,8}", amount in 0..=MAX_SAFE_INTEGER,
+                params in proptest::collection::btree_map("[a-z]{1,4}", json_int(), 0..4),
+            ) {
+                let v = serde_json::json!({"op": op, "target": target, "amount": amount, "params": params});
+                // Any spelling (pretty, reordered) gives the same canonical bytes and fingerprint.
+                let pretty = serde_json::to_vec_pretty(&v).unwrap_or_default();
+                let a = ParsedIntent::parse(&pretty);
+                prop_assert!(a.is_ok(), "{:?}", a.err());
+                let a = a.unwrap_or_else(|e| panic!("{e}"));
+                let b = ParsedIntent::parse(&a.canonical).unwrap_or_else(|e| panic!("{e}"));
+                prop_assert_eq!(&a.canonical, &b.canonical);
+                prop_assert_eq!(&a.fingerprint, &b.fingerprint);
+                prop_assert_eq!(&a.intent, &b.intent);
+                prop_assert_eq!(serde_json::from_slice::<Value>(&a.canonical).ok(), Some(v));
+            }
+        }
+    }
 }

@@ -627,7 +627,7 @@ mod tests {
             op in prop::sample::select(vec!["transfer", "refund", "burn"]),
             target in "[a-z]{1,8}", amount in 0u64..2000, revoked in any::<bool>(),
             deleg in prop::sample::select(vec![Some("d1"), Some("d2"), None]),
-            field in 0usize..6,
+            field in 0usize..10,
         ) {
             let i = intent(op, &target, amount);
             let approve = EscalationDecision { decision: "approve".into(), operator: "o".into() };
@@ -635,13 +635,23 @@ mod tests {
             let b = receipt(run(&intent(op, &target, amount), deleg, revoked, Some(&approve))).to_bytes();
             prop_assert_eq!(&a, &b);
             // Change exactly one input.
+            let mut dec = approve.clone();
             let (i2, d2, rev2, req2, pol2) = match field {
                 0 => (intent(if op == "transfer" { "refund" } else { "transfer" }, &target, amount), deleg, revoked, "r1", false),
                 1 => (intent(op, &format!("{target}x"), amount), deleg, revoked, "r1", false),
                 2 => (intent(op, &target, amount + 1), deleg, revoked, "r1", false),
                 3 => (i.clone(), if deleg == Some("d1") { Some("d2") } else { Some("d1") }, revoked, "r1", false),
                 4 => (i.clone(), deleg, revoked, "r2", false),
-                _ => (i.clone(), deleg, revoked, "r1", true),
+                5 => (i.clone(), deleg, revoked, "r1", true),
+                // Revocation (an anonymous request has nothing to revoke: use a delegation).
+                6 => (i.clone(), Some(deleg.unwrap_or("d1")), if deleg.is_some() { !revoked } else { revoked }, "r1", false),
+                7 => { dec.decision = "deny".into(); (i.clone(), deleg, revoked, "r1", false) }
+                8 => { dec.operator = "o2".into(); (i.clone(), deleg, revoked, "r1", false) }
+                _ => {
+                    let body = serde_json::json!({"op": op, "target": target, "amount": amount, "params": {"n": 1}});
+                    let p = ParsedIntent::parse(body.to_string().as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+                    (p, deleg, revoked, "r1", false)
+                }
             };
             let mut p = policy();
             if pol2 {
@@ -652,7 +662,7 @@ mod tests {
             let repr = repr_of(&i.canonical);
             let c = receipt(decide(
                 RequestFacts { provider: "provider-a", request_id: req2, request_repr: repr.as_str() },
-                &i2, &delegations().snapshot(d2, rev2), &p, Some(&approve),
+                &i2, &delegations().snapshot(d2, rev2), &p, Some(&dec),
             )).to_bytes();
             prop_assert_ne!(a, c);
         }
