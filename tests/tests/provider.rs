@@ -621,6 +621,7 @@ async fn kill9_under_load_then_restart_keeps_exactly_once() {
     p.kill9();
     let completed_before = done.lock().map(|d| d.len()).unwrap_or(0);
     assert!(completed_before < N, "the kill must land during the load");
+    eprintln!("killed with {completed_before} of {N} requests answered");
     p.spawn().await;
     for w in workers {
         w.await.unwrap_or_else(|e| panic!("{e}"));
