@@ -368,7 +368,7 @@ async fn main() -> Result<(), String> {
             100.0 * busy_fraction(elapsed)
         );
         println!(
-            "cpu-bound ceiling on 2 idle cores (provider + driver): {:.0} receipts/s",
+            "cpu-bound estimate on 2 idle cores (provider + driver), not a measurement: {:.0} receipts per second",
             2.0e6 / (per(prov) + per(drv))
         );
     }
