@@ -12,7 +12,7 @@ use ed25519_dalek::SigningKey;
 use http::HeaderMap;
 use multihub_protocol::hashing::{binding_hex, repr_of, sha256_hex};
 use multihub_protocol::headers as h;
-use multihub_protocol::receipt::{receipt_sha256, sign, EscalationDecision, ReceiptBody};
+use multihub_protocol::receipt::{receipt_sha256, sign, EscalationDecision, ReceiptBody, Verdict};
 use multihub_protocol::signal::{key_id, Signal, Stage};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
@@ -118,6 +118,9 @@ struct Gate<'a> {
     key: String,
     outcome_url: Option<&'a str>,
     hub_path: &'a str,
+    /// The hub's `x-hub-route`, passed to the association with START (it selects the
+    /// confirmation policy there; the signal itself does not carry it).
+    route: Option<&'a str>,
 }
 
 impl Provider {
@@ -252,7 +255,18 @@ impl Provider {
                 .map_err(|e| ApiError::new(400, "bad_header", format!("x-hub-outcome-url: {e}")))?;
         }
         let hub_path = header_str(hm, h::HUB_PATH)?.unwrap_or("");
+        let route = header_str(hm, h::HUB_ROUTE)?;
+        if let Some(r) = route {
+            if multihub_protocol::ids::validate_hub_id(r).is_err() {
+                return Err(ApiError::new(
+                    400,
+                    "bad_header",
+                    "x-hub-route: must be 1-64 of [A-Za-z0-9._:-]",
+                ));
+            }
+        }
         Ok(Gate {
+            route,
             request_id,
             repr: repr.as_str().to_string(),
             intent,
@@ -353,7 +367,10 @@ impl Provider {
             start: NewOut {
                 dedup: Self::dedup("S", &g.caller, &g.key),
                 url: self.signals_url.clone(),
-                headers: Vec::new(),
+                headers: g
+                    .route
+                    .map(|r| vec![(h::HUB_ROUTE.to_string(), r.to_string())])
+                    .unwrap_or_default(),
                 body: start.to_bytes(),
                 kind: "signal",
             },
@@ -479,13 +496,15 @@ impl Provider {
             key_id: self.key_id.clone(),
             effect: receipt.effect.clone(),
             request: request.to_vec(),
-            complete: NewOut {
+            // COMPLETE marks a crossed boundary: an effect committed. A blocked (or denied)
+            // request ends with its signed receipt, relayed as the outcome, and no COMPLETE.
+            complete: (receipt.verdict == Verdict::Pass).then(|| NewOut {
                 dedup: Self::dedup("C", caller, key),
                 url: self.signals_url.clone(),
                 headers: Vec::new(),
                 body: complete.to_bytes(),
                 kind: "signal",
-            },
+            }),
             outcome,
         }));
         match self.store(op).await? {

@@ -75,7 +75,8 @@ pub struct CompleteOp {
     pub effect: Option<Effect>,
     /// The exact request body (kept for `verify`).
     pub request: Vec<u8>,
-    pub complete: NewOut,
+    /// The COMPLETE signal; `None` when no effect was committed (blocked, denied).
+    pub complete: Option<NewOut>,
     /// Outcome destination and headers; the body is the response.
     pub outcome: Option<(String, Vec<(String, String)>)>,
 }
@@ -415,7 +416,9 @@ impl SqliteStore {
                 .execute(params![c.request_id])?;
         }
         let mut outbox = Vec::new();
-        outbox.extend(self.insert_out(&c.complete)?);
+        if let Some(complete) = &c.complete {
+            outbox.extend(self.insert_out(complete)?);
+        }
         if let Some((url, headers)) = &c.outcome {
             let mut dedup = String::with_capacity(c.caller.len() + c.key.len() + 3);
             dedup.push_str("O\0");

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use crate::procs::{bin_path, free_port, workspace_root, TempDir};
 
 /// Every fixed port used in `conf/`.
-pub const CONF_PORTS: [u16; 13] = [8080, 8081, 9101, 9102, 9103, 9111, 9112, 9113, 9180, 9181, 9200, 9300, 9301];
+pub const CONF_PORTS: [u16; 13] = [
+    8080, 8081, 9101, 9102, 9103, 9111, 9112, 9113, 9180, 9181, 9200, 9300, 9301,
+];
 
 pub struct Topology {
     pub dir: TempDir,
@@ -28,7 +30,8 @@ fn copy_tree(from: &Path, to: &Path, map: &BTreeMap<u16, u16>) {
         if src.is_dir() {
             copy_tree(&src, &dst, map);
         } else {
-            let mut text = std::fs::read_to_string(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+            let mut text =
+                std::fs::read_to_string(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
             for (old, new) in map {
                 text = text.replace(&format!("127.0.0.1:{old}"), &format!("127.0.0.1:{new}"));
             }
@@ -49,7 +52,8 @@ impl Topology {
         for b in ["multihub-hub", "multihub-provider", "multihub-association"] {
             bin_path(b);
         }
-        let log = std::fs::File::create(dir.path().join("up.log")).unwrap_or_else(|e| panic!("{e}"));
+        let log =
+            std::fs::File::create(dir.path().join("up.log")).unwrap_or_else(|e| panic!("{e}"));
         let err = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
         let child = Command::new(bin_path("multihub"))
             .args(["up", "--conf", "conf", "--state", "state"])
@@ -77,7 +81,10 @@ impl Topology {
 
     /// `127.0.0.1:<port>` standing for the `conf/` port `conf_port`.
     pub fn addr(&self, conf_port: u16) -> String {
-        format!("127.0.0.1:{}", self.ports.get(&conf_port).copied().unwrap_or(conf_port))
+        format!(
+            "127.0.0.1:{}",
+            self.ports.get(&conf_port).copied().unwrap_or(conf_port)
+        )
     }
 
     pub fn root(&self) -> &Path {
@@ -95,7 +102,8 @@ impl Topology {
 
     /// A component's log (`hub-a`, `provider-b`, `association`, ...).
     pub fn component_log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.state().join("logs").join(format!("{name}.log"))).unwrap_or_default()
+        std::fs::read_to_string(self.state().join("logs").join(format!("{name}.log")))
+            .unwrap_or_default()
     }
 
     /// Every outcome the sink received: JSON lines `{request_id, provider, hub_path, body}`.

@@ -420,11 +420,12 @@ async fn revoked_delegation_gets_a_blocked_receipt() {
     assert_eq!(p.ledger().await["balances"]["acct-1"], 3);
     let (code, out) = p.verify();
     assert_eq!(code, 0, "{out}");
-    // Blocked receipts get START and COMPLETE too.
-    eventually("COMPLETE of the blocked request", WAIT, || {
-        has_signal(&assoc, "req-after", Stage::Complete).then_some(())
+    // A blocked request crosses START only: no effect, so no COMPLETE boundary.
+    eventually("START of the blocked request", WAIT, || {
+        has_signal(&assoc, "req-after", Stage::Start).then_some(())
     })
     .await;
+    assert!(!has_signal(&assoc, "req-after", Stage::Complete));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,14 +6,20 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let listen = arg(&args, "--listen").unwrap_or_else(|| "127.0.0.1:0".into());
-    let delay = Duration::from_millis(arg(&args, "--delay-ms").and_then(|v| v.parse().ok()).unwrap_or(20));
+    let delay = Duration::from_millis(
+        arg(&args, "--delay-ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20),
+    );
     let l = TcpListener::bind(&listen).await?;
     println!("listening {}", l.local_addr()?);
     loop {
@@ -45,7 +51,10 @@ async fn main() -> std::io::Result<()> {
                     return;
                 }
                 tokio::time::sleep(delay).await;
-                if w.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.is_err() {
+                if w.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
