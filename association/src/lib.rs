@@ -15,7 +15,6 @@ pub mod config;
 pub mod core;
 pub mod error;
 pub mod fastsig;
-pub mod logger;
 pub mod metrics;
 pub mod policy;
 pub mod server;

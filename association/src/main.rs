@@ -3,7 +3,7 @@
 
 use clap::{CommandFactory, Parser};
 use multihub_association::cli::{Cli, Command};
-use multihub_association::{config, logger, server, store, verify};
+use multihub_association::{config, server, store, verify};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -22,7 +22,7 @@ fn load(path: &Path) -> Option<config::Config> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logger::init();
+    multihub_protocol::logging::init();
     if let Some(Command::Verify { store, config }) = &cli.command {
         let Some(c) = load(config) else {
             return ExitCode::from(1);

@@ -6,6 +6,8 @@
 pub mod hashing;
 pub mod headers;
 pub mod ids;
+/// Process plumbing every binary shares (kept here: this is the one crate they all depend on).
+pub mod logging;
 pub mod receipt;
 pub mod routes;
 pub mod signal;

@@ -17,7 +17,6 @@ pub mod config;
 pub mod error;
 pub mod intent;
 pub mod keys;
-pub mod logger;
 pub mod metrics;
 pub mod outbox;
 pub mod policy;

@@ -4,7 +4,7 @@
 use clap::Parser;
 use multihub_protocol::receipt::EscalationDecision;
 use multihub_provider::cli::{Cli, Cmd};
-use multihub_provider::{config, keys, logger, server, verify};
+use multihub_provider::{config, keys, server, verify};
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -15,7 +15,7 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logger::init();
+    multihub_protocol::logging::init();
     match cli.cmd {
         Some(Cmd::Keygen { out }) => match keys::generate(&out) {
             Ok(k) => {

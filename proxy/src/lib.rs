@@ -14,7 +14,6 @@ pub mod error;
 pub mod fanout;
 pub mod hub;
 pub mod lifecycle;
-pub mod logger;
 pub mod metrics;
 pub mod modes;
 pub mod outcomes;

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use multihub_proxy::cli::{Cli, Command, RoutesCmd};
-use multihub_proxy::{logger, reload, server, HubError};
+use multihub_proxy::{reload, server, HubError};
 use std::process::ExitCode;
 
 /// mimalloc instead of glibc malloc: the hub allocates and frees small buffers per request on
@@ -12,7 +12,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logger::init();
+    multihub_protocol::logging::init();
     match cli.command {
         Some(Command::Routes { action }) => {
             let r = match action {
