@@ -42,6 +42,25 @@ pub fn path_ids(path: &str) -> impl Iterator<Item = &str> {
     path.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
 
+/// Checks an `x-hub-path` value (ASCII, every element an id) and returns how many hubs it names.
+pub fn validate_path(v: &HeaderValue) -> Result<usize, Reject> {
+    let s = v
+        .to_str()
+        .map_err(|_| Reject::new(400, "bad_hub_path", "x-hub-path is not ASCII"))?;
+    let mut n = 0;
+    for id in path_ids(s) {
+        validate_hub_id(id).map_err(|e| {
+            Reject::new(
+                400,
+                "bad_hub_path",
+                format!("x-hub-path element {id:?} {e}"),
+            )
+        })?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// Validates the requester-controlled headers.
 pub fn inbound(headers: &HeaderMap) -> Result<Inbound, Reject> {
     let (request_id, generated) = match single(headers, REQUEST_ID)? {
@@ -66,20 +85,7 @@ pub fn inbound(headers: &HeaderMap) -> Result<Inbound, Reject> {
     };
     let path_in = match single(headers, HUB_PATH)? {
         Some(v) => {
-            let s = v
-                .to_str()
-                .map_err(|_| Reject::new(400, "bad_hub_path", "x-hub-path is not ASCII"))?;
-            let mut n = 0;
-            for id in path_ids(s) {
-                validate_hub_id(id).map_err(|e| {
-                    Reject::new(
-                        400,
-                        "bad_hub_path",
-                        format!("x-hub-path element {id:?} {e}"),
-                    )
-                })?;
-                n += 1;
-            }
+            let n = validate_path(v)?;
             if n > 64 {
                 return Err(Reject::new(
                     400,

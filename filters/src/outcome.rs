@@ -5,7 +5,7 @@ use http::{HeaderMap, HeaderValue};
 use multihub_protocol::headers::{HUB_PATH, PROVIDER_ID, REQUEST_ID};
 use multihub_protocol::ids::{validate_hub_id, validate_request_id};
 
-use crate::inbound::path_ids;
+use crate::inbound::{path_ids, validate_path};
 use crate::reject::Reject;
 
 /// The validated headers of an outcome relay, forwarded unchanged.
@@ -38,20 +38,8 @@ pub fn outcome_headers(headers: &HeaderMap) -> Result<OutcomeHeaders, Reject> {
     validate_hub_id(pid)
         .map_err(|e| Reject::new(400, "bad_provider_id", format!("x-provider-id {e}")))?;
     let path = required(headers, HUB_PATH)?;
-    let p = path
-        .to_str()
-        .map_err(|_| Reject::new(400, "bad_hub_path", "x-hub-path is not ASCII"))?;
-    if path_ids(p).next().is_none() {
+    if validate_path(path)? == 0 {
         return Err(Reject::new(400, "bad_hub_path", "x-hub-path is empty"));
-    }
-    for id in path_ids(p) {
-        validate_hub_id(id).map_err(|e| {
-            Reject::new(
-                400,
-                "bad_hub_path",
-                format!("x-hub-path element {id:?} {e}"),
-            )
-        })?;
     }
     Ok(OutcomeHeaders {
         request_id: request_id.clone(),

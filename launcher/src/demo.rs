@@ -229,40 +229,39 @@ pub async fn run(opts: DemoOpts) -> Result<bool, LaunchError> {
     for p in &topo.providers {
         let cfg: Value = serde_json::from_slice(&std::fs::read(&p.config)?).unwrap_or(Value::Null);
         let store = root.join(cfg["store"].as_str().unwrap_or(""));
-        let out = Command::new(opts.bin_dir.join("multihub-provider"))
-            .args(["verify", "--store"])
-            .arg(&store)
-            .output()?;
-        let ok = out.status.success();
+        let ok = run_check(
+            Command::new(opts.bin_dir.join("multihub-provider"))
+                .args(["verify", "--store"])
+                .arg(&store),
+            &p.id,
+            "receipts, signatures, audit chain",
+            &st,
+        )?;
         all_ok &= ok;
-        let first = String::from_utf8_lossy(if ok { &out.stdout } else { &out.stderr })
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_string();
-        println!(
-            "    {:<12} receipts, signatures, audit chain: {}  {first}",
-            p.id,
-            st.ok(ok)
-        );
     }
-    let out = Command::new(opts.bin_dir.join("multihub-association"))
-        .args(["verify", "--store"])
-        .arg(opts.state.join("association.db"))
-        .arg("--config")
-        .arg(opts.state.join("association.json"))
-        .output()?;
-    let ok = out.status.success();
+    let ok = run_check(
+        Command::new(opts.bin_dir.join("multihub-association"))
+            .args(["verify", "--store"])
+            .arg(opts.state.join("association.db"))
+            .arg("--config")
+            .arg(opts.state.join("association.json")),
+        "association",
+        "signals, linkages, confirmations",
+        &st,
+    )?;
     all_ok &= ok;
+    Ok(all_ok)
+}
+
+/// Runs an offline check and prints one line with its first line of output.
+fn run_check(cmd: &mut Command, who: &str, what: &str, st: &Style) -> Result<bool, LaunchError> {
+    let out = cmd.output()?;
+    let ok = out.status.success();
     let first = String::from_utf8_lossy(if ok { &out.stdout } else { &out.stderr })
         .lines()
         .next()
         .unwrap_or("")
         .to_string();
-    println!(
-        "    {:<12} signals, linkages, confirmations: {}  {first}",
-        "association",
-        st.ok(ok)
-    );
-    Ok(all_ok)
+    println!("    {who:<12} {what}: {}  {first}", st.ok(ok));
+    Ok(ok)
 }
