@@ -299,6 +299,35 @@ impl Api {
 /// The admin listener: `/metrics`, `/healthz`, `/readyz`.
 pub struct Admin {
     pub core: Arc<Core>,
+    /// The API listener's address, probed by `/readyz` until it accepts a connection (Pingora
+    /// starts the two listeners independently: the admin one can be up first).
+    pub api_probe: std::net::SocketAddr,
+    pub api_listening: std::sync::atomic::AtomicBool,
+}
+
+impl Admin {
+    pub fn new(core: Arc<Core>, mut api: std::net::SocketAddr) -> Admin {
+        if api.ip().is_unspecified() {
+            api.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        Admin {
+            core,
+            api_probe: api,
+            api_listening: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    async fn api_up(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.api_listening.load(Ordering::Relaxed) {
+            return true;
+        }
+        let up = tokio::net::TcpStream::connect(self.api_probe).await.is_ok();
+        if up {
+            self.api_listening.store(true, Ordering::Relaxed);
+        }
+        up
+    }
 }
 
 #[async_trait]
@@ -329,11 +358,14 @@ impl HttpServerApp for Admin {
             }
             (true, "/healthz") => respond(&mut session, 200, JSON, b"{\"ok\":true}".to_vec()).await,
             (true, "/readyz") => {
-                if self.core.ready() {
-                    respond(&mut session, 200, JSON, b"{\"ready\":true}".to_vec()).await
-                } else {
+                if !self.core.ready() {
                     let e = ApiError::Unavailable("store writer is not running".into());
                     respond_err(&mut session, &e).await
+                } else if !self.api_up().await {
+                    let e = ApiError::Unavailable("API listener is not accepting yet".into());
+                    respond_err(&mut session, &e).await
+                } else {
+                    respond(&mut session, 200, JSON, b"{\"ready\":true}".to_vec()).await
                 }
             }
             (false, "/metrics" | "/healthz" | "/readyz") => {

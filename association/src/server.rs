@@ -40,6 +40,7 @@ pub fn describe(c: &Config, out: &mut impl Write) -> std::io::Result<()> {
 pub fn run(config: Config) -> Result<(), AssociationError> {
     let threads = config.threads;
     let listen = config.listen.to_string();
+    let api_addr = config.listen;
     let admin_listen = config.admin_listen.to_string();
     let conf = ServerConf {
         threads,
@@ -56,7 +57,7 @@ pub fn run(config: Config) -> Result<(), AssociationError> {
     let mut api = Service::new("association api".into(), Api { core: core.clone() });
     api.threads = Some(threads);
     api.add_tcp(&listen);
-    let mut admin = Service::new("association admin".into(), Admin { core });
+    let mut admin = Service::new("association admin".into(), Admin::new(core, api_addr));
     admin.threads = Some(1);
     admin.add_tcp(&admin_listen);
     server.add_service(api);

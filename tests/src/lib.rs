@@ -9,7 +9,7 @@ pub mod recorder;
 pub mod topology;
 
 pub use http::{Conn, Response};
-pub use procs::{bin_path, free_port, run_bin, workspace_root, HubProc, TempDir};
+pub use procs::{bin_path, free_port, run_bin, workspace_root, HubProc, TempDir, DOWN_URL};
 pub use recorder::{Behaviour, Recorded, Recorder};
 
 use std::time::{Duration, Instant};

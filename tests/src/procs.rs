@@ -66,13 +66,27 @@ pub fn bin_path(name: &str) -> PathBuf {
     p
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1 and that this test process has not handed
+/// out before (the kernel may offer a just-released port again; two components of one test
+/// must never get the same one).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("no free port: {e}"));
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
+
+/// An upstream address nothing in the tests can listen on (port 1 is privileged and unused):
+/// connections to it are refused.
+pub const DOWN_URL: &str = "http://127.0.0.1:1";
 
 /// The workspace root (for `conf/`).
 pub fn workspace_root() -> PathBuf {

@@ -3,7 +3,9 @@
 
 use base64::Engine as _;
 use multihub_tests::http::{request, Conn};
-use multihub_tests::{eventually, free_port, sha256_hex, Behaviour, HubProc, Recorder, TempDir};
+use multihub_tests::{
+    eventually, free_port, sha256_hex, Behaviour, HubProc, Recorder, TempDir, DOWN_URL,
+};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -151,7 +153,7 @@ async fn proxy_copies_never_delay_the_primary_or_its_keep_alive() {
 async fn proxy_primary_down_is_502_and_copy_over_cap_is_skipped() {
     let copy = Recorder::start(Behaviour::Status(200)).await;
     let primary = Recorder::start(Behaviour::Status(200)).await;
-    let down = format!("http://127.0.0.1:{}", free_port());
+    let down = DOWN_URL.to_string();
     let (hub, _d) = start(
         &[("down", down), ("p", primary.url()), ("copy", copy.url())],
         json!([{ "id": "d", "match": { "path_prefix": "/down" }, "targets": ["down", "copy"], "respond": "proxy" },
@@ -185,7 +187,7 @@ async fn collect_reports_every_target_verbatim() {
     let err = Recorder::start(Behaviour::Status(500)).await;
     let binary: Vec<u8> = vec![0, 159, 146, 150, 255, b'{', 0];
     let ok = Recorder::start(Behaviour::Body(200, binary.clone())).await;
-    let down = format!("http://127.0.0.1:{}", free_port());
+    let down = DOWN_URL.to_string();
     let (hub, _d) = start(
         &[("err", err.url()), ("down", down), ("ok", ok.url())],
         json!([{ "id": "c", "match": { "path_prefix": "/" }, "targets": ["err", "down", "ok"], "respond": "collect" }]),

@@ -85,10 +85,15 @@ async fn reload_under_load_serves_each_request_by_one_version() {
     let mut clients = Vec::new();
     for c in 0..CLIENTS {
         let addr = hub.addr.clone();
+        let activations = activations.clone();
         clients.push(tokio::spawn(async move {
             let mut seen = Vec::with_capacity(PER_CLIENT);
             let mut conn = Conn::open(&addr).await.unwrap_or_else(|e| panic!("{e}"));
-            for i in 0..PER_CLIENT {
+            // At least PER_CLIENT requests, and on until the table has flipped a few times
+            // (on a fast machine the load alone can finish between two flips).
+            let mut i = 0;
+            while i < PER_CLIENT || activations.load(Ordering::SeqCst) < 5 {
+                i += 1;
                 let id = format!("c{c}-{i}");
                 let r = conn
                     .request("POST", "/op", &[("x-request-id", &id)], b"x")
@@ -109,7 +114,7 @@ async fn reload_under_load_serves_each_request_by_one_version() {
     }
     done.store(true, Ordering::SeqCst);
     let _ = flipper.await;
-    assert_eq!(all.len(), CLIENTS * PER_CLIENT);
+    assert!(all.len() >= CLIENTS * PER_CLIENT);
     assert!(
         activations.load(Ordering::SeqCst) >= 5,
         "too few activations during the load"

@@ -741,6 +741,14 @@ async fn outbox_retries_until_acknowledged_and_survives_restart() {
             .then_some(())
     })
     .await;
+    // The restarted provider's own acknowledgements (a request the killed process sent may be
+    // recorded late and is not proof that the new one is done).
+    eventually("req-ob acknowledged after restart", WAIT, || {
+        metrics_text(&p.admin)
+            .contains("provider_outbox_deliveries_total{kind=\"signal\",result=\"ok\"} 2")
+            .then_some(())
+    })
+    .await;
     // A 409 is final: counted, not retried forever.
     assoc.set(Behaviour::Status(409));
     let r = p
