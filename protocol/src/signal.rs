@@ -9,6 +9,7 @@ use base64::Engine as _;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::io::Write as _;
 use thiserror::Error;
 
 use crate::hashing::{hex_into, operation_hex};
@@ -68,22 +69,35 @@ pub struct Signal {
     pub sig: String,
 }
 
-/// The signed part: the signal without `sig`.
-#[derive(Serialize)]
-struct Unsigned<'a> {
-    v: u32,
-    operation: &'a str,
-    request_id: &'a str,
-    request_repr: &'a str,
-    provider: &'a str,
-    stage: Stage,
-    boundary: &'a str,
-    key_id: &'a str,
-}
-
-fn canonical<T: Serialize>(v: &T) -> Vec<u8> {
-    // Serializing plain strings and integers cannot fail.
-    serde_json_canonicalizer::to_vec(v).unwrap_or_default()
+/// Appends `s` as an RFC 8785 string: ECMAScript `JSON.stringify` escaping (`"`, `\\`, the
+/// short escapes \b \t \n \f \r, other controls as `\u00xx`, everything else verbatim).
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    // Fast path: nothing to escape (the usual case: ids, hex, base64url).
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x09 => out.extend_from_slice(b"\\t"),
+            0x0a => out.extend_from_slice(b"\\n"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            0x0d => out.extend_from_slice(b"\\r"),
+            0x00..=0x1f => {
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[(b >> 4) as usize]);
+                out.push(HEX[(b & 15) as usize]);
+            }
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
 }
 
 /// `key_id`: hex sha256 of the 32 public-key bytes.
@@ -119,23 +133,48 @@ impl Signal {
         s
     }
 
+    /// Writes the RFC 8785 form of the signal into `out` (cleared first), with or without
+    /// `sig`. The signal has a fixed set of string fields and one small integer, so the
+    /// canonical form is written directly, keys in sorted order; a property test pins it
+    /// byte-for-byte to a generic RFC 8785 canonicalizer (`serde_json_canonicalizer`).
+    pub fn write_canonical(&self, with_sig: bool, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(b"{\"boundary\":");
+        push_json_str(out, &self.boundary);
+        out.extend_from_slice(b",\"key_id\":");
+        push_json_str(out, &self.key_id);
+        out.extend_from_slice(b",\"operation\":");
+        push_json_str(out, &self.operation);
+        out.extend_from_slice(b",\"provider\":");
+        push_json_str(out, &self.provider);
+        out.extend_from_slice(b",\"request_id\":");
+        push_json_str(out, &self.request_id);
+        out.extend_from_slice(b",\"request_repr\":");
+        push_json_str(out, &self.request_repr);
+        if with_sig {
+            out.extend_from_slice(b",\"sig\":");
+            push_json_str(out, &self.sig);
+        }
+        out.extend_from_slice(b",\"stage\":");
+        push_json_str(out, self.stage.as_str());
+        out.extend_from_slice(b",\"v\":");
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, "{}", self.v);
+        out.push(b'}');
+    }
+
     /// The bytes the signature covers: RFC 8785 JSON of the signal without `sig`.
     pub fn signing_bytes(&self) -> Vec<u8> {
-        canonical(&Unsigned {
-            v: self.v,
-            operation: &self.operation,
-            request_id: &self.request_id,
-            request_repr: &self.request_repr,
-            provider: &self.provider,
-            stage: self.stage,
-            boundary: &self.boundary,
-            key_id: &self.key_id,
-        })
+        let mut out = Vec::with_capacity(400);
+        self.write_canonical(false, &mut out);
+        out
     }
 
     /// The wire form: RFC 8785 JSON of the whole signal.
     pub fn to_bytes(&self) -> Vec<u8> {
-        canonical(self)
+        let mut out = Vec::with_capacity(500);
+        self.write_canonical(true, &mut out);
+        out
     }
 
     /// Parses wire bytes, refusing unknown fields and anything that is not canonical.
@@ -250,6 +289,25 @@ mod tests {
     }
 
     #[test]
+    fn escapes_like_rfc8785() {
+        let s = Signal::signed(
+            "a\"\\\u{1}\u{7f}\u{2028}é\n",
+            "r",
+            "p",
+            Stage::Start,
+            "\t\u{8}\u{c}\r",
+            &key(1),
+        );
+        assert_eq!(
+            s.to_bytes(),
+            serde_json_canonicalizer::to_vec(&s).unwrap_or_default()
+        );
+        let text = String::from_utf8(s.to_bytes()).unwrap_or_default();
+        assert!(text.contains(r#""boundary":"\t\b\f\r""#), "{text}");
+        assert!(text.contains("\\u0001\u{7f}\u{2028}é\\n"), "{text}");
+    }
+
+    #[test]
     fn non_canonical_and_unknown_fields_are_refused() {
         let bytes = sample().to_bytes();
         let mut spaced = b" ".to_vec();
@@ -306,7 +364,46 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
+        /// The signed part through the generic canonicalizer (the reference).
+        #[derive(Serialize)]
+        struct Unsigned<'a> {
+            v: u32,
+            operation: &'a str,
+            request_id: &'a str,
+            request_repr: &'a str,
+            provider: &'a str,
+            stage: Stage,
+            boundary: &'a str,
+            key_id: &'a str,
+        }
+
         proptest! {
+            #[test]
+            fn direct_canonical_form_equals_rfc8785(
+                rid in any::<String>(), repr in any::<String>(), provider in any::<String>(),
+                boundary in any::<String>(), sig in any::<String>(), complete in any::<bool>(),
+                v in any::<u32>(),
+            ) {
+                let stage = if complete { Stage::Complete } else { Stage::Start };
+                let mut s = Signal::signed(&rid, &repr, &provider, stage, &boundary, &key(3));
+                s.sig = sig;
+                s.v = v;
+                let whole = serde_json_canonicalizer::to_vec(&s).unwrap_or_default();
+                prop_assert_eq!(s.to_bytes(), whole);
+                let unsigned = serde_json_canonicalizer::to_vec(&Unsigned {
+                    v: s.v,
+                    operation: &s.operation,
+                    request_id: &s.request_id,
+                    request_repr: &s.request_repr,
+                    provider: &s.provider,
+                    stage: s.stage,
+                    boundary: &s.boundary,
+                    key_id: &s.key_id,
+                })
+                .unwrap_or_default();
+                prop_assert_eq!(s.signing_bytes(), unsigned);
+            }
+
             #[test]
             fn any_signal_round_trips_canonically(id in "[A-Za-z0-9._:-]{1,40}", body in proptest::collection::vec(any::<u8>(), 0..64), boundary in "[a-f0-9]{0,64}", complete in any::<bool>()) {
                 let stage = if complete { Stage::Complete } else { Stage::Start };
