@@ -22,8 +22,10 @@ struct Args {
     /// The provider binary (default: `multihub-provider` beside this one).
     #[arg(long)]
     provider_bin: Option<PathBuf>,
-    /// Concurrent keep-alive connections.
-    #[arg(long, default_value_t = 256)]
+    /// Concurrent keep-alive connections. Durable throughput comes from group commit, which
+    /// needs concurrent requests: measured on 2 cores, 256 gave ~40 ops per commit and 512 ~45–58
+    /// with ~20 % less CPU per receipt (mean latency ~75 ms, two fsynced commits per request).
+    #[arg(long, default_value_t = 512)]
     connections: usize,
     /// Measured duration.
     #[arg(long, default_value_t = 10)]
