@@ -67,10 +67,10 @@ pub struct DelegationSnapshot {
     pub id: String,
     /// False when the id is not in the registry (then the bounds are empty).
     pub known: bool,
-    pub revoked: bool,
-    pub ops: Vec<String>,
-    pub targets: Vec<String>,
     pub max_amount: u64,
+    pub ops: Vec<String>,
+    pub revoked: bool,
+    pub targets: Vec<String>,
 }
 
 /// The policy the decision was taken under.
@@ -78,9 +78,9 @@ pub struct DelegationSnapshot {
 #[serde(deny_unknown_fields)]
 pub struct PolicyRef {
     pub id: String,
-    pub version: String,
     /// Hex sha256 of the policy file bytes.
     pub sha256: String,
+    pub version: String,
 }
 
 /// Integer scores in basis points (0..=10000).
@@ -114,24 +114,46 @@ pub struct Effect {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiptBody {
-    pub v: u32,
-    pub provider: String,
-    pub request_id: String,
-    /// DESIGN §6 operation: hex sha256("multihub-op-v1\n" + request_id + "\n" + request_repr).
-    pub operation: String,
-    pub request_repr: String,
+    pub delegation: DelegationSnapshot,
+    pub effect: Option<Effect>,
+    pub escalation: Option<EscalationDecision>,
     /// The intent in canonical form.
     pub intent: serde_json::Value,
     /// Hex sha256 of the canonical intent bytes (the idempotency fingerprint).
     pub intent_sha256: String,
-    pub delegation: DelegationSnapshot,
+    /// DESIGN §6 operation: hex sha256("multihub-op-v1\n" + request_id + "\n" + request_repr).
+    pub operation: String,
     pub policy: PolicyRef,
-    pub verdict: Verdict,
+    pub provider: String,
+    pub request_id: String,
+    pub request_repr: String,
     /// Ids of the rules that fired, sorted and de-duplicated.
     pub rules: Vec<String>,
     pub scores: Scores,
-    pub escalation: Option<EscalationDecision>,
-    pub effect: Option<Effect>,
+    pub v: u32,
+    pub verdict: Verdict,
+}
+
+/// See [`ReceiptBody::to_bytes`]: ASCII keys in sorted iteration order, safe integers only.
+fn value_is_plain_canonical(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::Null | Value::Bool(_) | Value::String(_) => true,
+        Value::Number(n) => {
+            n.as_u64().is_some_and(|u| u <= MAX_SAFE_INTEGER)
+                || n.as_i64()
+                    .is_some_and(|i| i.unsigned_abs() <= MAX_SAFE_INTEGER)
+        }
+        Value::Array(a) => a.iter().all(value_is_plain_canonical),
+        Value::Object(m) => {
+            let mut prev: Option<&str> = None;
+            m.iter().all(|(k, v)| {
+                let sorted = prev.is_none_or(|p| p < k.as_str());
+                prev = Some(k);
+                sorted && k.is_ascii() && value_is_plain_canonical(v)
+            })
+        }
+    }
 }
 
 /// RFC 8785 bytes of a value. Only strings, integers, booleans, arrays and objects reach this.
@@ -141,8 +163,34 @@ pub fn canonical<T: Serialize>(v: &T) -> Vec<u8> {
 
 impl ReceiptBody {
     /// The canonical bytes: what is signed, hashed and stored.
+    ///
+    /// Fast path: serde_json's plain output (fields are declared in sorted order, maps are
+    /// sorted) is already RFC 8785 when every object key is ASCII (byte order = UTF-16 order)
+    /// and every number is an integer within ±(2^53 - 1); string escaping is the same in both.
+    /// Anything else goes through the generic canonicalizer. A property test pins the two.
     pub fn to_bytes(&self) -> Vec<u8> {
+        if self.plain_json_is_canonical() {
+            if let Ok(b) = serde_json::to_vec(self) {
+                return b;
+            }
+        }
         canonical(self)
+    }
+
+    fn plain_json_is_canonical(&self) -> bool {
+        let safe = |n: u64| n <= MAX_SAFE_INTEGER;
+        safe(self.delegation.max_amount)
+            && safe(self.scores.total_bp)
+            && self
+                .scores
+                .dimensions
+                .iter()
+                .all(|(k, n)| k.is_ascii() && safe(*n))
+            && self
+                .effect
+                .as_ref()
+                .is_none_or(|e| safe(e.delta.unsigned_abs()))
+            && value_is_plain_canonical(&self.intent)
     }
 
     /// Parses canonical receipt bytes, refusing unknown fields and non-canonical input.
@@ -351,7 +399,95 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
+        fn json_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<u64>().prop_map(serde_json::Value::from),
+                (-1e6f64..1e6).prop_map(serde_json::Value::from),
+                (-(MAX_SAFE_INTEGER as i64)..=MAX_SAFE_INTEGER as i64)
+                    .prop_map(serde_json::Value::from),
+                any::<String>().prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 5, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..5)
+                        .prop_map(serde_json::Value::from),
+                    proptest::collection::btree_map(
+                        prop_oneof![
+                            "[a-z_]{1,6}",
+                            any::<String>(),
+                            "[\u{e000}-\u{e0ff}\u{10000}-\u{10100}]{1,2}"
+                        ],
+                        inner,
+                        0..5
+                    )
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Only what the fast path accepts: ASCII keys, safe integers, any strings.
+        fn plain_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                (-(MAX_SAFE_INTEGER as i64)..=MAX_SAFE_INTEGER as i64)
+                    .prop_map(serde_json::Value::from),
+                any::<String>().prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 5, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..5)
+                        .prop_map(serde_json::Value::from),
+                    proptest::collection::btree_map("[ -~]{0,6}", inner, 0..5)
+                        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
         proptest! {
+            #[test]
+            fn the_fast_path_is_taken_and_exact(intent in plain_value(), text in any::<String>()) {
+                let mut r = sample();
+                r.intent = intent;
+                r.request_id = text.clone();
+                r.rules = vec![text];
+                prop_assert!(r.plain_json_is_canonical());
+                prop_assert_eq!(serde_json::to_vec(&r).unwrap_or_default(), canonical(&r));
+            }
+
+            #[test]
+            fn fast_bytes_equal_the_generic_canonicalizer(
+                intent in json_value(),
+                strings in proptest::collection::vec(any::<String>(), 8),
+                dims in proptest::collection::btree_map(prop_oneof!["[a-z]{1,5}", any::<String>()], any::<u64>(), 0..4),
+                numbers in (any::<u64>(), any::<u64>(), any::<i64>(), 0u64..MAX_SAFE_INTEGER),
+                flags in (any::<bool>(), any::<bool>(), any::<bool>()),
+            ) {
+                let mut r = sample();
+                r.intent = intent;
+                r.provider = strings[0].clone();
+                r.request_id = strings[1].clone();
+                r.delegation.id = strings[2].clone();
+                r.delegation.ops = vec![strings[3].clone()];
+                r.policy.version = strings[4].clone();
+                r.rules = vec![strings[5].clone(), strings[6].clone()];
+                r.scores.dimensions = dims;
+                r.scores.total_bp = if flags.0 { numbers.0 } else { numbers.3 };
+                r.delegation.max_amount = if flags.1 { numbers.1 } else { numbers.3 };
+                r.delegation.revoked = flags.2;
+                r.escalation = flags.2.then(|| EscalationDecision {
+                    decision: "approve".into(),
+                    operator: strings[7].clone(),
+                });
+                r.effect = Some(Effect { account: strings[7].clone(), delta: numbers.2 });
+                prop_assert_eq!(r.to_bytes(), canonical(&r));
+                r.effect = None;
+                prop_assert_eq!(r.to_bytes(), canonical(&r));
+            }
+
             #[test]
             fn receipts_round_trip_canonically(
                 op in "[a-z]{1,12}", target in "[a-z0-9-]{1,16}", amount in 0u64..MAX_SAFE_INTEGER,
