@@ -308,7 +308,10 @@ pub struct Admin {
 impl Admin {
     pub fn new(core: Arc<Core>, mut api: std::net::SocketAddr) -> Admin {
         if api.ip().is_unspecified() {
-            api.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            api.set_ip(match api {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
         }
         Admin {
             core,
@@ -322,7 +325,12 @@ impl Admin {
         if self.api_listening.load(Ordering::Relaxed) {
             return true;
         }
-        let up = tokio::net::TcpStream::connect(self.api_probe).await.is_ok();
+        // Bounded: a full accept queue drops SYNs and connect would retry for minutes.
+        let connect = tokio::net::TcpStream::connect(self.api_probe);
+        let up = matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(1), connect).await,
+            Ok(Ok(_))
+        );
         if up {
             self.api_listening.store(true, Ordering::Relaxed);
         }

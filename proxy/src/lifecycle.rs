@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,7 +29,10 @@ pub struct Lifecycle {
 fn probe_addr(listen: &str) -> Option<SocketAddr> {
     let mut a: SocketAddr = listen.parse().ok()?;
     if a.ip().is_unspecified() {
-        a.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        a.set_ip(match a {
+            SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
     }
     Some(a)
 }
@@ -47,7 +50,15 @@ impl BackgroundService for Lifecycle {
                 _ = tick.tick() => {
                     if !e.listening.load(Ordering::SeqCst) {
                         let up = match probe {
-                            Some(a) => tokio::net::TcpStream::connect(a).await.is_ok(),
+                            // Bounded: with a full accept queue connect would retry for minutes.
+                            Some(a) => matches!(
+                                tokio::time::timeout(
+                                    Duration::from_secs(1),
+                                    tokio::net::TcpStream::connect(a)
+                                )
+                                .await,
+                                Ok(Ok(_))
+                            ),
                             None => true,
                         };
                         if up {

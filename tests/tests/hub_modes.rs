@@ -124,7 +124,10 @@ async fn proxy_copies_never_delay_the_primary_or_its_keep_alive() {
         let big_copy = got
             .iter()
             .find(|q| q.header("x-request-id") == Some("k-1"))
-            .unwrap_or_else(|| panic!("no copy of k-1 among {got:?}"));
+            .unwrap_or_else(|| {
+                let ids: Vec<_> = got.iter().map(|q| q.header("x-request-id")).collect();
+                panic!("no copy of k-1 among {ids:?}")
+            });
         assert_eq!(
             sha256_hex(&big_copy.body),
             sha256_hex(&big),

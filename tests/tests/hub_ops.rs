@@ -77,8 +77,13 @@ async fn reload_under_load_serves_each_request_by_one_version() {
                 n += 1;
                 let v = if n % 2 == 1 { "vb" } else { "va" };
                 let r = routes.clone();
-                let _ = tokio::task::spawn_blocking(move || activate(&r, v)).await;
-                activations.fetch_add(1, Ordering::SeqCst);
+                // Counted only when `routes activate` succeeded (it panics otherwise).
+                if tokio::task::spawn_blocking(move || activate(&r, v))
+                    .await
+                    .is_ok()
+                {
+                    activations.fetch_add(1, Ordering::SeqCst);
+                }
             }
         })
     };
@@ -92,7 +97,9 @@ async fn reload_under_load_serves_each_request_by_one_version() {
             // At least PER_CLIENT requests, and on until the table has flipped a few times
             // (on a fast machine the load alone can finish between two flips).
             let mut i = 0;
-            while i < PER_CLIENT || activations.load(Ordering::SeqCst) < 5 {
+            // (Bounded, so failing activations fail the assertion below instead of hanging.)
+            while i < PER_CLIENT || (activations.load(Ordering::SeqCst) < 5 && i < 20 * PER_CLIENT)
+            {
                 i += 1;
                 let id = format!("c{c}-{i}");
                 let r = conn
