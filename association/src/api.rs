@@ -306,16 +306,10 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub fn new(core: Arc<Core>, mut api: std::net::SocketAddr) -> Admin {
-        if api.ip().is_unspecified() {
-            api.set_ip(match api {
-                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
-        }
+    pub fn new(core: Arc<Core>, api: std::net::SocketAddr) -> Admin {
         Admin {
             core,
-            api_probe: api,
+            api_probe: multihub_protocol::net::probe_addr(api),
             api_listening: std::sync::atomic::AtomicBool::new(false),
         }
     }

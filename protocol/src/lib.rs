@@ -8,6 +8,8 @@ pub mod headers;
 pub mod ids;
 /// Process plumbing every binary shares (kept here: this is the one crate they all depend on).
 pub mod logging;
+/// Process plumbing: where a process probes its own listener.
+pub mod net;
 pub mod receipt;
 pub mod routes;
 pub mod signal;

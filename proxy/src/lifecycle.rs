@@ -6,7 +6,6 @@
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,23 +24,15 @@ pub struct Lifecycle {
     pub access_log: Option<Arc<AccessLog>>,
 }
 
-/// Where to probe our own proxy listener.
-fn probe_addr(listen: &str) -> Option<SocketAddr> {
-    let mut a: SocketAddr = listen.parse().ok()?;
-    if a.ip().is_unspecified() {
-        a.set_ip(match a {
-            SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        });
-    }
-    Some(a)
-}
-
 #[async_trait]
 impl BackgroundService for Lifecycle {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let e = &self.engine;
-        let probe = probe_addr(&self.listen);
+        let probe = self
+            .listen
+            .parse()
+            .ok()
+            .map(multihub_protocol::net::probe_addr);
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let mut last_flush = Instant::now();
         loop {
