@@ -117,15 +117,23 @@ impl Job<'_> {
     }
 
     /// `hub_deliveries_total` (and `hub_relays_total` for peers).
-    fn record(&self, _i: usize, up: &Upstream, r: &std::result::Result<u16, Failure>) {
+    fn record(&self, i: usize, up: &Upstream, r: &std::result::Result<u16, Failure>) {
         let m = &self.engine.metrics;
-        let result = match r {
-            Ok(_) => "ok",
-            Err(f) => f.reason(),
-        };
-        m.deliveries
-            .with_label_values(&[self.route, up.id.as_str(), result])
-            .inc();
+        // The common case uses the handle resolved when the table was loaded.
+        let ok = self
+            .t
+            .delivered_ok
+            .get(self.route_index)
+            .and_then(|v| v.get(i));
+        match (r, ok) {
+            (Ok(_), Some(c)) => c.inc(),
+            _ => {
+                let result = r.as_ref().map_or_else(Failure::reason, |_| "ok");
+                m.deliveries
+                    .with_label_values(&[self.route, up.id.as_str(), result])
+                    .inc();
+            }
+        }
         if up.kind == UpstreamKind::Peer {
             m.relays
                 .with_label_values(&[up.id.as_str(), if r.is_ok() { "ok" } else { "failed" }])

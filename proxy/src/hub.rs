@@ -6,7 +6,6 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
 use multihub_filters::forward::{connection_tokens, hub_headers, is_forwarded};
-use multihub_filters::relay::Suppressed;
 use multihub_filters::{plan, Plan, Reject, RequestView};
 use multihub_protocol::hashing::{binding_hex, repr_of};
 use multihub_protocol::headers::{HUB_ROUTE_VERSION, OUTCOMES_PATH, REQUEST_ID};
@@ -219,13 +218,11 @@ impl Hub {
 
     fn count_suppressed(engine: &Engine, plan: &Plan) {
         for (_, why) in &plan.relay.suppressed {
-            match why {
-                Suppressed::Loop | Suppressed::Hops => engine
-                    .metrics
-                    .relays_suppressed
-                    .with_label_values(&[why.as_str()])
-                    .inc(),
-            }
+            engine
+                .metrics
+                .relays_suppressed
+                .with_label_values(&[why.as_str()])
+                .inc();
         }
     }
 }

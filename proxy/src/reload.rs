@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::metrics::Metrics;
 use crate::state::{Engine, HubTable, Tables};
 
 /// Quiet time after a file event before reloading (editors and syncs write in several steps).
@@ -58,9 +59,7 @@ impl Reloader {
                 let sha = new.sha256.clone();
                 self.tables.store(Arc::new(new));
                 let _ = m.active_info.remove_label_values(&[&old]);
-                m.active_info.with_label_values(&[&version]).set(1);
-                m.reloads.with_label_values(&["ok"]).inc();
-                m.last_reload_success.set(now_secs());
+                activated(m, &version);
                 self.engine
                     .reload
                     .lock()
@@ -84,11 +83,16 @@ impl Reloader {
     }
 }
 
-fn now_secs() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+/// Metrics of a table version that became active (at start-up or by a reload).
+pub(crate) fn activated(m: &Metrics, version: &str) {
+    m.active_info.with_label_values(&[version]).set(1);
+    m.reloads.with_label_values(&["ok"]).inc();
+    m.last_reload_success.set(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0),
+    );
 }
 
 #[async_trait]

@@ -11,7 +11,7 @@ use pingora_core::services::listening::Service;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::access::AccessLog;
 use crate::admin::Admin;
@@ -94,15 +94,7 @@ pub fn run(opts: &RunOpts, routes: &Path, loaded: Loaded) -> Result<(), HubError
         loaded,
         &engine.metrics,
     )));
-    let m = &engine.metrics;
-    m.reloads.with_label_values(&["ok"]).inc();
-    m.active_info.with_label_values(&[&version]).set(1);
-    m.last_reload_success.set(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0),
-    );
+    crate::reload::activated(&engine.metrics, &version);
 
     let conf = ServerConf {
         threads: opts.threads,
