@@ -117,6 +117,29 @@ impl Signal {
         boundary: &str,
         key: &SigningKey,
     ) -> Signal {
+        let kid = key_id(&key.verifying_key());
+        Self::signed_with_key_id(
+            request_id,
+            request_repr,
+            provider,
+            stage,
+            boundary,
+            key,
+            &kid,
+        )
+    }
+
+    /// [`Signal::signed`] for a signer that already holds its key id (`key_id(&verifying key)`),
+    /// sparing a sha256 per signature.
+    pub fn signed_with_key_id(
+        request_id: &str,
+        request_repr: &str,
+        provider: &str,
+        stage: Stage,
+        boundary: &str,
+        key: &SigningKey,
+        key_id: &str,
+    ) -> Signal {
         let mut s = Signal {
             v: SIGNAL_VERSION,
             operation: operation_hex(request_id, request_repr),
@@ -125,7 +148,7 @@ impl Signal {
             provider: provider.to_string(),
             stage,
             boundary: boundary.to_string(),
-            key_id: key_id(&key.verifying_key()),
+            key_id: key_id.to_string(),
             sig: String::new(),
         };
         let sig = key.sign(&s.signing_bytes());

@@ -278,16 +278,6 @@ impl Provider {
         })
     }
 
-    fn dedup(stage: &str, caller: &str, key: &str) -> String {
-        let mut s = String::with_capacity(stage.len() + caller.len() + key.len() + 2);
-        s.push_str(stage);
-        s.push('\0');
-        s.push_str(caller);
-        s.push('\0');
-        s.push_str(key);
-        s
-    }
-
     fn answer(&self, mut r: Reply, request_id: &str) -> Reply {
         r.headers.push(("x-request-id", request_id.to_string()));
         r.headers.push(("x-provider-id", self.id.clone()));
@@ -351,13 +341,14 @@ impl Provider {
         pre.push_str(g.request_id);
         pre.push('\n');
         pre.push_str(&g.intent.fingerprint);
-        let start = Signal::signed(
+        let start = Signal::signed_with_key_id(
             g.request_id,
             &g.repr,
             &self.id,
             Stage::Start,
             &sha256_hex(pre.as_bytes()),
             &self.key,
+            &self.key_id,
         );
         let op = Op::Start(StartOp {
             caller: g.caller.clone(),
@@ -365,7 +356,7 @@ impl Provider {
             fingerprint: g.intent.fingerprint.clone(),
             request_id: g.request_id.to_string(),
             start: NewOut {
-                dedup: Self::dedup("S", &g.caller, &g.key),
+                dedup: crate::store::dedup("S", &g.caller, &g.key),
                 url: self.signals_url.clone(),
                 headers: g
                     .route
@@ -471,16 +462,17 @@ impl Provider {
         // request ends with its signed receipt, relayed as the outcome, and no COMPLETE.
         // (Signed only then: an ed25519 signature is ~30 µs of CPU here.)
         let complete = (receipt.verdict == Verdict::Pass).then(|| NewOut {
-            dedup: Self::dedup("C", caller, key),
+            dedup: crate::store::dedup("C", caller, key),
             url: self.signals_url.clone(),
             headers: Vec::new(),
-            body: Signal::signed(
+            body: Signal::signed_with_key_id(
                 &receipt.request_id,
                 &receipt.request_repr,
                 &self.id,
                 Stage::Complete,
                 &sha,
                 &self.key,
+                &self.key_id,
             )
             .to_bytes(),
             kind: "signal",

@@ -203,6 +203,18 @@ pub fn open(path: &Path) -> Result<Connection, ProviderError> {
     Ok(c)
 }
 
+/// The outbox dedup key of one emission: `stage 0x00 caller 0x00 idempotency key` (stage `S`
+/// START, `C` COMPLETE, `O` outcome).
+pub fn dedup(stage: &str, caller: &str, key: &str) -> String {
+    let mut s = String::with_capacity(stage.len() + caller.len() + key.len() + 2);
+    s.push_str(stage);
+    s.push('\0');
+    s.push_str(caller);
+    s.push('\0');
+    s.push_str(key);
+    s
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -420,13 +432,8 @@ impl SqliteStore {
             outbox.extend(self.insert_out(complete)?);
         }
         if let Some((url, headers)) = &c.outcome {
-            let mut dedup = String::with_capacity(c.caller.len() + c.key.len() + 3);
-            dedup.push_str("O\0");
-            dedup.push_str(&c.caller);
-            dedup.push('\0');
-            dedup.push_str(&c.key);
             outbox.extend(self.insert_out(&NewOut {
-                dedup,
+                dedup: dedup("O", &c.caller, &c.key),
                 url: url.clone(),
                 headers: headers.clone(),
                 body: response.clone(),
