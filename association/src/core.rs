@@ -345,18 +345,18 @@ struct Writer {
 impl Writer {
     fn run(mut self) {
         let max = self.config.limits.max_batch;
-        let mut jobs: Vec<Job> = Vec::with_capacity(max);
+        // Each job split as it arrives: the signals go to the store, the reply channels wait.
+        let mut replies: Vec<oneshot::Sender<Result<Applied, ()>>> = Vec::with_capacity(max);
         let mut batch: Vec<Incoming> = Vec::with_capacity(max);
         while let Some(first) = self.rx.blocking_recv() {
-            jobs.push(first);
-            while jobs.len() < max {
-                match self.rx.try_recv() {
-                    Ok(j) => jobs.push(j),
-                    Err(_) => break,
+            let mut next = Some(first);
+            while let Some(j) = next.take() {
+                batch.push(j.incoming);
+                replies.push(j.reply);
+                if batch.len() < max {
+                    next = self.rx.try_recv().ok();
                 }
             }
-            batch.clear();
-            batch.extend(jobs.iter().map(|j| j.incoming.clone()));
             let t = Instant::now();
             let r = self
                 .store
@@ -364,7 +364,7 @@ impl Writer {
             self.metrics
                 .commit_seconds
                 .observe(t.elapsed().as_secs_f64());
-            self.metrics.batch_size.observe(jobs.len() as f64);
+            self.metrics.batch_size.observe(batch.len() as f64);
             match r {
                 Ok(results) => {
                     let mut last = None;
@@ -381,18 +381,19 @@ impl Writer {
                     if let Some(seq) = last {
                         self.events.send_replace(seq);
                     }
-                    for (j, r) in jobs.drain(..).zip(results) {
-                        let _ = j.reply.send(Ok(r));
+                    for (reply, r) in replies.drain(..).zip(results) {
+                        let _ = reply.send(Ok(r));
                     }
                 }
                 Err(e) => {
-                    log::error!("group commit of {} signals failed: {e}", jobs.len());
+                    log::error!("group commit of {} signals failed: {e}", batch.len());
                     self.metrics.store_errors.inc();
-                    for j in jobs.drain(..) {
-                        let _ = j.reply.send(Err(()));
+                    for reply in replies.drain(..) {
+                        let _ = reply.send(Err(()));
                     }
                 }
             }
+            batch.clear();
         }
         self.alive.store(false, Ordering::SeqCst);
     }

@@ -3,8 +3,7 @@
 //! A provider *counts* for an operation once both its START and its COMPLETE are recorded;
 //! COMPLETE without START is recorded but does not count until START arrives.
 
-use multihub_protocol::hashing::hex_into;
-use multihub_protocol::signal::Stage;
+use multihub_protocol::signal::{linkage_from_digests, Stage};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
@@ -91,30 +90,6 @@ impl Policy {
     }
 }
 
-/// DESIGN §6 linkage from `sha256(signal bytes)` digests: identical to
-/// `multihub_protocol::signal::linkage` over the bytes themselves.
-pub fn linkage_from_digests<'a>(
-    entries: impl IntoIterator<Item = (&'a str, Stage, &'a [u8; 32])>,
-) -> String {
-    let mut v: Vec<(&str, &str, &[u8; 32])> = entries
-        .into_iter()
-        .map(|(p, s, d)| (p, s.as_str(), d))
-        .collect();
-    v.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-    let mut h = Sha256::new();
-    for (p, s, d) in v {
-        h.update(p.as_bytes());
-        h.update([0u8]);
-        h.update(s.as_bytes());
-        h.update([0u8]);
-        h.update(d);
-        h.update([b'\n']);
-    }
-    let mut out = String::with_capacity(64);
-    hex_into(&mut out, &h.finalize());
-    out
-}
-
 /// sha256 of bytes as an array.
 pub fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
@@ -164,20 +139,5 @@ mod tests {
             serde_json::json!(["b:START", "b:COMPLETE"])
         );
         assert_eq!(Policy::Quorum(3).missing(&s)["need"], 1);
-    }
-
-    #[test]
-    fn linkage_from_digests_matches_the_protocol_formula() {
-        let a = b"signal-a".to_vec();
-        let b = b"signal-b".to_vec();
-        let want = multihub_protocol::signal::linkage([
-            ("p2", Stage::Start, &a[..]),
-            ("p1", Stage::Complete, &b[..]),
-        ]);
-        let got = linkage_from_digests([
-            ("p1", Stage::Complete, &digest(&b)),
-            ("p2", Stage::Start, &digest(&a)),
-        ]);
-        assert_eq!(got, want);
     }
 }

@@ -233,18 +233,30 @@ impl Signal {
 /// DESIGN §6 linkage: hex sha256 over, for each (provider, stage) in sorted order,
 /// `provider 0x00 stage 0x00 sha256(signal bytes) 0x0A`. Order of the input does not matter.
 pub fn linkage<'a>(signals: impl IntoIterator<Item = (&'a str, Stage, &'a [u8])>) -> String {
-    let mut v: Vec<(&str, &str, &[u8])> = signals
+    let digests: Vec<(&str, Stage, [u8; 32])> = signals
         .into_iter()
-        .map(|(p, s, b)| (p, s.as_str(), b))
+        .map(|(p, s, b)| (p, s, Sha256::digest(b).into()))
+        .collect();
+    linkage_from_digests(digests.iter().map(|(p, s, d)| (*p, *s, d)))
+}
+
+/// [`linkage`] from the `sha256(signal bytes)` digests (for holders of the digests, such as the
+/// association's in-memory state).
+pub fn linkage_from_digests<'a>(
+    entries: impl IntoIterator<Item = (&'a str, Stage, &'a [u8; 32])>,
+) -> String {
+    let mut v: Vec<(&str, &str, &[u8; 32])> = entries
+        .into_iter()
+        .map(|(p, s, d)| (p, s.as_str(), d))
         .collect();
     v.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
     let mut h = Sha256::new();
-    for (provider, stage, bytes) in v {
+    for (provider, stage, digest) in v {
         h.update(provider.as_bytes());
         h.update([0u8]);
         h.update(stage.as_bytes());
         h.update([0u8]);
-        h.update(Sha256::digest(bytes));
+        h.update(digest);
         h.update([b'\n']);
     }
     let mut s = String::with_capacity(64);
@@ -309,6 +321,21 @@ mod tests {
         let mut s = sample();
         s.sig = "!!".into();
         assert_eq!(s.verify(&vk), Err(SignalError::SignatureEncoding));
+    }
+
+    #[test]
+    fn linkage_from_digests_matches_linkage_over_bytes() {
+        let a = b"signal-a".to_vec();
+        let b = b"signal-b".to_vec();
+        let want = linkage([
+            ("p2", Stage::Start, &a[..]),
+            ("p1", Stage::Complete, &b[..]),
+        ]);
+        let got = linkage_from_digests([
+            ("p1", Stage::Complete, &Sha256::digest(&b).into()),
+            ("p2", Stage::Start, &Sha256::digest(&a).into()),
+        ]);
+        assert_eq!(got, want);
     }
 
     #[test]
