@@ -225,13 +225,7 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
     {
         return None;
     }
-    let mut out = [0u8; 32];
-    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
-        let hi = (chunk[0] as char).to_digit(16)?;
-        let lo = (chunk[1] as char).to_digit(16)?;
-        out[i] = (hi * 16 + lo) as u8;
-    }
-    Some(out)
+    multihub_protocol::hashing::unhex32(s)
 }
 
 /// Parses the text of a configuration file and lowers it.

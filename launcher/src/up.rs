@@ -35,17 +35,12 @@ pub struct Component {
 pub fn public_key_hex(key_file: &Path) -> Result<String, LaunchError> {
     let text = std::fs::read_to_string(key_file)?;
     let t = text.trim();
-    let mut seed = [0u8; 32];
-    if t.len() != 64 {
-        return Err(LaunchError::Failed(format!(
+    let seed = multihub_protocol::hashing::unhex32(t).ok_or_else(|| {
+        LaunchError::Failed(format!(
             "{}: expected 64 hex characters",
             key_file.display()
-        )));
-    }
-    for (i, b) in seed.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&t[2 * i..2 * i + 2], 16)
-            .map_err(|_| LaunchError::Failed(format!("{}: not hex", key_file.display())))?;
-    }
+        ))
+    })?;
     let vk = SigningKey::from_bytes(&seed).verifying_key();
     let mut s = String::with_capacity(64);
     multihub_protocol::hashing::hex_into(&mut s, vk.as_bytes());

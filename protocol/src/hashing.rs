@@ -23,6 +23,21 @@ pub fn hex_into(out: &mut String, bytes: &[u8]) {
     }
 }
 
+/// 32 bytes from exactly 64 hex digits (either case); `None` for anything else.
+pub fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(b.chunks(2)) {
+        let hi = char::from(pair[0]).to_digit(16)?;
+        let lo = char::from(pair[1]).to_digit(16)?;
+        *o = u8::try_from(hi * 16 + lo).ok()?;
+    }
+    Some(out)
+}
+
 /// Lower-case hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(64);
@@ -73,6 +88,23 @@ mod tests {
         hex_into(&mut s, &bytes);
         let want: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(s, want);
+    }
+
+    #[test]
+    fn unhex32_round_trips_and_refuses_everything_else() {
+        let bytes: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37)).collect();
+        let mut s = String::new();
+        hex_into(&mut s, &bytes);
+        assert_eq!(unhex32(&s).map(|a| a.to_vec()), Some(bytes));
+        assert_eq!(unhex32(&s.to_uppercase()), unhex32(&s));
+        assert_eq!(unhex32(&s[..62]), None);
+        assert_eq!(unhex32(&format!("+{}", &s[1..])), None);
+        assert_eq!(
+            unhex32(&format!("é{}", &s[2..])),
+            None,
+            "multi-byte, no panic"
+        );
+        assert_eq!(unhex32(&format!("g{}", &s[1..])), None);
     }
 
     #[test]

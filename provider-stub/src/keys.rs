@@ -2,7 +2,7 @@
 //! newline, mode 0600. `keygen` writes one; the server creates one on first start when missing.
 
 use ed25519_dalek::SigningKey;
-use multihub_protocol::hashing::hex_into;
+use multihub_protocol::hashing::{hex_into, unhex32};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -14,20 +14,6 @@ pub fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
     hex_into(&mut s, bytes);
     s
-}
-
-fn unhex32(s: &str) -> Option<[u8; 32]> {
-    let b = s.as_bytes();
-    if b.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in b.chunks(2).enumerate() {
-        let hi = (pair[0] as char).to_digit(16)?;
-        let lo = (pair[1] as char).to_digit(16)?;
-        out[i] = u8::try_from(hi * 16 + lo).ok()?;
-    }
-    Some(out)
 }
 
 /// Parses a 64-hex public key.
