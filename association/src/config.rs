@@ -3,7 +3,7 @@
 //! first one, and never panics.
 
 use ed25519_dalek::VerifyingKey;
-use multihub_protocol::signal::key_id;
+use multihub_protocol::signal::SignalVerifier;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -90,12 +90,8 @@ pub struct FileLimits {
 // Runtime model
 // ---------------------------------------------------------------------------------------------
 
-/// One registered key.
-#[derive(Debug, Clone)]
-pub struct Key {
-    pub key: VerifyingKey,
-    pub key_id: String,
-}
+/// One registered key, with its key id and verification tables prepared at load.
+pub type Key = SignalVerifier;
 
 /// A registered provider.
 #[derive(Debug, Clone)]
@@ -397,7 +393,8 @@ pub fn lower(f: FileConfig, base: &Path) -> Result<Config, ConfigProblems> {
                     continue;
                 }
             };
-            let kid = key_id(&key);
+            let key = Key::new(key);
+            let kid = key.key_id().to_string();
             if let Some(given) = &k.key_id {
                 if *given != kid {
                     problems.push(Problem {
@@ -412,7 +409,7 @@ pub fn lower(f: FileConfig, base: &Path) -> Result<Config, ConfigProblems> {
                     message: format!("key already registered for provider \"{other}\" (no key is shared between providers)"),
                 });
             }
-            keys.push(Key { key, key_id: kid });
+            keys.push(key);
         }
         providers.push(Provider {
             id: id.clone(),

@@ -7,7 +7,7 @@
 //! only after the commit returns answers each waiting request.
 
 use bytes::Bytes;
-use multihub_protocol::signal::{SignalError, Stage};
+use multihub_protocol::signal::{Signal, SignalError, Stage};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -15,7 +15,6 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 use crate::config::{valid_route, Config};
 use crate::error::ApiError;
-use crate::fastsig;
 use crate::metrics::{Metrics, SignalResult};
 use crate::policy::{digest, OpSignals};
 use crate::store::{Applied, Confirmation, Incoming, SignalStore, SqliteStore, StoreError};
@@ -176,7 +175,7 @@ impl Core {
             }
         }
         let mut scratch = Vec::with_capacity(body.len());
-        let signal = fastsig::parse(&body, &mut scratch).map_err(ApiError::from_signal)?;
+        let signal = Signal::parse_with(&body, &mut scratch).map_err(ApiError::from_signal)?;
         *stage_idx = Some(match signal.stage {
             Stage::Start => 0,
             Stage::Complete => 1,
@@ -190,9 +189,10 @@ impl Core {
         let key = provider
             .keys
             .iter()
-            .find(|k| k.key_id == signal.key_id)
+            .find(|k| k.key_id() == signal.key_id)
             .ok_or_else(|| ApiError::UnknownKey(signal.key_id.clone()))?;
-        fastsig::verify(&signal, key, &mut scratch).map_err(ApiError::from_signal)?;
+        key.verify_with(&signal, &mut scratch)
+            .map_err(ApiError::from_signal)?;
         let incoming = Incoming {
             digest: digest(&body),
             operation: signal.operation,

@@ -5,7 +5,6 @@
 //! - [`policy`]: confirmation policies and linkage from digests.
 //! - [`store`]: the [`store::SignalStore`] trait and its SQLite implementation (group commit).
 //! - [`core`]: intake (parse, lookup, `verify_strict`), the writer thread, the read API documents.
-//! - [`fastsig`]: request-path signal parsing and verification, pinned to the protocol crate.
 //! - [`api`]: Pingora glue for the API and admin listeners.
 //! - [`verify`]: the offline check.
 
@@ -14,7 +13,6 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod error;
-pub mod fastsig;
 pub mod metrics;
 pub mod policy;
 pub mod server;

@@ -23,7 +23,7 @@ pub fn describe(c: &Config, out: &mut impl Write) -> std::io::Result<()> {
         c.store_path.display()
     )?;
     for p in &c.providers {
-        let ids: Vec<&str> = p.keys.iter().map(|k| k.key_id.as_str()).collect();
+        let ids: Vec<&str> = p.keys.iter().map(|k| k.key_id()).collect();
         writeln!(out, "provider {} keys [{}]", p.id, ids.join(","))?;
     }
     writeln!(out, "policy default {}", c.policies.default.to_json())?;

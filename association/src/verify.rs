@@ -93,7 +93,7 @@ pub fn verify(store: &mut dyn SignalStore, config: &Config) -> Result<Report, St
                 Some(i) => match config.providers[i]
                     .keys
                     .iter()
-                    .find(|k| k.key_id == sig.key_id)
+                    .find(|k| k.key_id() == sig.key_id)
                 {
                     None => problem(
                         &mut report,
@@ -103,7 +103,7 @@ pub fn verify(store: &mut dyn SignalStore, config: &Config) -> Result<Report, St
                         ),
                     ),
                     Some(k) => {
-                        if let Err(e) = sig.verify(&k.key) {
+                        if let Err(e) = sig.verify(k.key()) {
                             problem(&mut report, format!("signal {seq}: {e}"));
                         }
                     }

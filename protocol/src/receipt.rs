@@ -227,11 +227,8 @@ pub fn verify(
     if key_id != crate::signal::key_id(key) {
         return Err(ReceiptError::KeyId);
     }
-    let raw = URL_SAFE_NO_PAD
-        .decode(sig.as_bytes())
-        .map_err(|_| ReceiptError::SignatureEncoding)?;
-    let sig = Signature::from_slice(&raw).map_err(|_| ReceiptError::SignatureEncoding)?;
-    key.verify_strict(body, &sig)
+    let raw = crate::signal::decode_signature(sig).ok_or(ReceiptError::SignatureEncoding)?;
+    key.verify_strict(body, &Signature::from_bytes(&raw))
         .map_err(|_| ReceiptError::BadSignature)
 }
 
