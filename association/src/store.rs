@@ -230,9 +230,12 @@ impl SqliteStore {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        // 64 MiB page cache: the unique index over random operation hashes is touched at
-        // random; keep it in memory instead of re-reading pages on every batch.
-        conn.pragma_update(None, "cache_size", -65536)?;
+        // 4 MiB page cache. A bigger one costs CPU at every commit: SQLite's page cache scans its
+        // whole hash table at the end of each write transaction while the database is smaller
+        // than 1 GiB (its pending-byte page is cached), and that table grows with the cache.
+        // Measured (batches of 28 rows, synchronous=FULL, 400k rows): 22.6 us of CPU per row at
+        // 4 MiB, 26.6 at 16 MiB, 31.8 at 64 MiB. Misses are served by the OS page cache.
+        conn.pragma_update(None, "cache_size", -4096)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         conn.set_prepared_statement_cache_capacity(32);
