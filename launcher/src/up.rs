@@ -125,8 +125,8 @@ fn spawn(
     Ok((child, log))
 }
 
-/// Starts every component (association, providers, hubs) and waits for each `/readyz`.
-pub async fn start(opts: &UpOpts) -> Result<Vec<Component>, LaunchError> {
+/// Starts every component (association, providers, hubs) of `topo` and waits for each `/readyz`.
+pub async fn start(opts: &UpOpts, topo: &Topology) -> Result<Vec<Component>, LaunchError> {
     let root = opts
         .conf
         .parent()
@@ -137,12 +137,11 @@ pub async fn start(opts: &UpOpts) -> Result<Vec<Component>, LaunchError> {
     } else {
         root
     };
-    let topo = Topology::load(&opts.conf)?;
     std::fs::create_dir_all(opts.state.join("logs"))?;
     for p in &topo.providers {
         ensure_key(opts, &root, &p.key_file)?;
     }
-    let assoc_conf = association_config(&topo, &root, &opts.state)?;
+    let assoc_conf = association_config(topo, &root, &opts.state)?;
 
     let mut comps = Vec::new();
     let a = &topo.association;
@@ -273,10 +272,7 @@ pub async fn run(opts: UpOpts) -> Result<(), LaunchError> {
         }
         None => None,
     };
-    let mut comps = match start(&opts).await {
-        Ok(c) => c,
-        Err(e) => return Err(e),
-    };
+    let mut comps = start(&opts, &topo).await?;
     println!(
         "multihub is up (state in {}, logs in {}/logs):\n",
         opts.state.display(),
