@@ -12,6 +12,7 @@ use pingora_core::protocols::Stream;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_http::RequestHeader;
 use std::fmt;
+use std::future::Future;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
@@ -77,8 +78,33 @@ impl fmt::Display for Failure {
     }
 }
 
-/// How long an idle upstream connection stays in the pool.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Runs `attempt` (called with the attempt number, from 0) until it succeeds, fails with a
+/// non-[retryable](Failure::retryable) failure, or `retries` extra attempts are spent. The wait
+/// before each retry starts at `backoff` and doubles. Returns the last attempt's result.
+pub async fn retrying<T, F, Fut>(
+    retries: u32,
+    mut backoff: Duration,
+    mut attempt: F,
+) -> Result<T, Failure>
+where
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Result<T, Failure>>,
+{
+    let mut n = 0;
+    loop {
+        match attempt(n).await {
+            Err(f) if f.retryable() && n < retries => {
+                n += 1;
+                pingora_timeout::sleep(backoff).await;
+                backoff = backoff.saturating_mul(2);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How long an idle upstream connection stays in the pool (also every peer's `idle_timeout`).
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The upstream connection pool shared by every delivery of the process (across table versions:
 /// the pool key is the peer's address, so connections survive reloads).

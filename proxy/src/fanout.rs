@@ -8,7 +8,7 @@ use pingora_error::{Error, ErrorType, Result};
 use pingora_http::RequestHeader;
 use tokio::sync::Semaphore;
 
-use crate::deliver::Failure;
+use crate::deliver::{retrying, Failure};
 use crate::metrics::DropReason;
 use crate::state::{Engine, HubTable};
 use multihub_filters::UpstreamKind;
@@ -68,7 +68,7 @@ impl Job<'_> {
     /// Delivers to upstream `i` under the in-flight bound.
     pub async fn deliver_one(&self, i: usize) -> Outcome {
         let (engine, t) = (self.engine, self.t);
-        let (Some(up), Some(peer)) = (t.table.upstream(i), t.peers.get(i)) else {
+        let Some((up, peer)) = t.target(i) else {
             return (i, Err(Failure::Broken("unknown upstream".into())));
         };
         let permit = if self.wait {
@@ -88,23 +88,15 @@ impl Job<'_> {
         };
         let head = || head_for(self.base, up);
         let started = Instant::now();
-        let mut backoff = t.table.hub.retry_backoff;
-        let mut attempt = 0;
-        let result = loop {
+        let result = retrying(self.retries, t.table.hub.retry_backoff, |_| async {
             let r = engine
                 .deliverer
                 .deliver(peer, &head, self.body, up.timeout)
                 .await;
             t.mark(i, !matches!(&r, Err(f) if f.unreachable()));
-            match r {
-                Err(f) if f.retryable() && attempt < self.retries => {
-                    attempt += 1;
-                    pingora_timeout::sleep(backoff).await;
-                    backoff = backoff.saturating_mul(2);
-                }
-                other => break other,
-            }
-        };
+            r
+        })
+        .await;
         drop(permit);
         if let Some(h) = t.delivery_duration.get(i) {
             h.observe(started.elapsed().as_secs_f64());

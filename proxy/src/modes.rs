@@ -190,7 +190,7 @@ impl Hub {
             }
         }
 
-        let (Some(up), Some(peer)) = (t.table.upstream(primary), t.peers.get(primary)) else {
+        let Some((up, peer)) = t.target(primary) else {
             return Error::e_explain(ErrorType::InternalError, "unknown primary");
         };
         let head = || head_for(&base, up);
@@ -332,7 +332,7 @@ impl Hub {
             let base = &base;
             let body = &body;
             async move {
-                let (Some(up), Some(peer)) = (t.table.upstream(i), t.peers.get(i)) else {
+                let Some((up, peer)) = t.target(i) else {
                     return (i, Err(Failure::Broken("unknown upstream".into())));
                 };
                 let wait = up.timeout.min(route.timeout);

@@ -13,6 +13,7 @@ use pingora_proxy::Session;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::deliver::retrying;
 use crate::hub::{Ctx, Hub};
 use crate::state::{Busy, Engine, HubTable};
 
@@ -112,7 +113,7 @@ impl Hub {
         match predecessor(path, &t.table.hub.id) {
             Predecessor::Hub(prev) => match t.table.peer_index.get(prev) {
                 Some(&i) => {
-                    if let (Some(up), Some(peer)) = (t.table.upstream(i), t.peers.get(i)) {
+                    if let Some((up, peer)) = t.target(i) {
                         let mut p =
                             String::with_capacity(up.url.base_path.len() + OUTCOMES_PATH.len());
                         p.push_str(&up.url.base_path);
@@ -192,41 +193,33 @@ async fn deliver_outcome(
     d: &Destination,
     body: &Bytes,
     retries: u32,
-    mut backoff: Duration,
+    backoff: Duration,
 ) {
-    let mut attempt = 0;
-    loop {
-        match engine
+    let head = || Ok(d.head.clone());
+    let mut attempts = 0;
+    let r = retrying(retries, backoff, |attempt| {
+        attempts = attempt + 1;
+        engine
             .deliverer
-            .deliver(&d.peer, &|| Ok(d.head.clone()), body, OUTCOME_TIMEOUT)
-            .await
-        {
-            Ok(_) => {
-                engine
-                    .metrics
-                    .outcome_deliveries
-                    .with_label_values(&[&d.label, "ok"])
-                    .inc();
-                return;
-            }
-            Err(f) if f.retryable() && attempt < retries => {
-                attempt += 1;
-                pingora_timeout::sleep(backoff).await;
-                backoff = backoff.saturating_mul(2);
-            }
-            Err(f) => {
-                engine
-                    .metrics
-                    .outcome_deliveries
-                    .with_label_values(&[&d.label, "failed"])
-                    .inc();
-                log::warn!(
-                    "outcome delivery to {} dropped after {} attempts: {f}",
-                    d.label,
-                    attempt + 1
-                );
-                return;
-            }
+            .deliver(&d.peer, &head, body, OUTCOME_TIMEOUT)
+    })
+    .await;
+    match r {
+        Ok(_) => engine
+            .metrics
+            .outcome_deliveries
+            .with_label_values(&[&d.label, "ok"])
+            .inc(),
+        Err(f) => {
+            engine
+                .metrics
+                .outcome_deliveries
+                .with_label_values(&[&d.label, "failed"])
+                .inc();
+            log::warn!(
+                "outcome delivery to {} dropped after {attempts} attempts: {f}",
+                d.label
+            );
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use arc_swap::ArcSwap;
 use multihub_filters::source::Loaded;
-use multihub_filters::RoutingTable;
+use multihub_filters::{RoutingTable, Upstream};
 use pingora_core::upstreams::peer::HttpPeer;
 use prometheus::{Histogram, IntCounter};
 use std::path::PathBuf;
@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Semaphore;
 
-use crate::deliver::Deliverer;
+use crate::deliver::{Deliverer, IDLE_TIMEOUT};
 use crate::metrics::{Metrics, RouteMetrics};
 
 /// How long an upstream that refused or timed out is skipped by `select: {"count": N}`.
@@ -53,7 +53,7 @@ impl HubTable {
             .map(|u| {
                 let mut p = HttpPeer::new(u.addr, false, String::new());
                 p.options.connection_timeout = Some(u.timeout);
-                p.options.idle_timeout = Some(Duration::from_secs(60));
+                p.options.idle_timeout = Some(IDLE_TIMEOUT);
                 p
             })
             .collect();
@@ -112,6 +112,11 @@ impl HubTable {
             loaded_at: SystemTime::now(),
             table,
         }
+    }
+
+    /// Upstream `i` of the table with its Pingora peer.
+    pub fn target(&self, i: usize) -> Option<(&Upstream, &HttpPeer)> {
+        Some((self.table.upstream(i)?, self.peers.get(i)?))
     }
 
     fn now_ms(&self) -> u64 {
