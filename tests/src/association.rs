@@ -3,11 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::http::request;
-use crate::procs::{bin_path, free_port, TempDir};
+use crate::http::read_chunk;
+use crate::procs::{bin_path, free_port, wait_ready, TempDir};
 
 /// A running association; killed on drop. The store lives in `dir` and survives restarts.
 pub struct AssociationProc {
@@ -60,26 +60,15 @@ impl AssociationProc {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn multihub-association: {e}"));
-        self.child = Some(child);
-        self.wait_ready().await;
-    }
-
-    async fn wait_ready(&mut self) {
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("multihub-association exited early ({st}):\n{}", self.logs());
-            }
-            if let Ok(r) = request(&self.admin, "GET", "/readyz", &[], b"").await {
-                if r.status == 200 {
-                    return;
-                }
-            }
-            if Instant::now() > end {
-                panic!("multihub-association not ready in time:\n{}", self.logs());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = self.child.insert(child);
+        wait_ready(
+            "multihub-association",
+            child,
+            &self.admin,
+            &self.addr,
+            &self.log,
+        )
+        .await;
     }
 
     /// SIGKILL (no graceful shutdown, no chance to flush anything).
@@ -223,17 +212,6 @@ impl EventStream {
     }
 
     async fn read_chunk(&mut self) -> Option<Vec<u8>> {
-        let mut size = String::new();
-        if self.r.read_line(&mut size).await.ok()? == 0 {
-            return None;
-        }
-        let n = usize::from_str_radix(size.trim(), 16).ok()?;
-        if n == 0 {
-            return None;
-        }
-        let mut buf = vec![0; n + 2];
-        self.r.read_exact(&mut buf).await.ok()?;
-        buf.truncate(n);
-        Some(buf)
+        read_chunk(&mut self.r).await.ok()?
     }
 }

@@ -1,7 +1,7 @@
 //! A deliberately small HTTP/1.1 reader/writer for tests: exact control over bytes on the wire.
 
 use std::io;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -32,7 +32,7 @@ impl Message {
     }
 }
 
-/// Reads one message head (and, when `with_body`, its body by Content-Length or chunked).
+/// Reads one message head (and, when `with_body`, its body: see [`read_body`]).
 /// `Ok(None)` on a clean EOF before any byte.
 pub async fn read_message(
     r: &mut BufReader<OwnedReadHalf>,
@@ -65,32 +65,54 @@ pub async fn read_message(
     if !with_body {
         return Ok(Some(m));
     }
+    m.body = read_body(r, &m).await?;
+    Ok(Some(m))
+}
+
+/// Reads the body `m`'s head announces: chunked (see [`read_chunk`]) or by Content-Length;
+/// empty when the head announces neither.
+pub async fn read_body<R: AsyncBufRead + Unpin>(r: &mut R, m: &Message) -> io::Result<Vec<u8>> {
+    let mut body = Vec::new();
     if m.header("transfer-encoding")
         .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
     {
-        loop {
-            let mut size = String::new();
-            r.read_line(&mut size).await?;
-            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            if n == 0 {
-                let mut end = String::new();
-                r.read_line(&mut end).await?;
-                break;
-            }
-            let mut buf = vec![0; n + 2];
-            r.read_exact(&mut buf).await?;
-            m.body.extend_from_slice(&buf[..n]);
+        while let Some(chunk) = read_chunk(r).await? {
+            body.extend_from_slice(&chunk);
         }
     } else if let Some(n) = m
         .header("content-length")
         .and_then(|v| v.parse::<usize>().ok())
     {
-        let mut buf = vec![0; n];
-        r.read_exact(&mut buf).await?;
-        m.body = buf;
+        body = vec![0; n];
+        r.read_exact(&mut body).await?;
     }
-    Ok(Some(m))
+    Ok(body)
+}
+
+/// Reads one chunk of a chunked body (chunk extensions such as `1a;name=value` ignored):
+/// `None` at the terminating zero chunk, whose trailer section is read up to its blank line.
+pub async fn read_chunk<R: AsyncBufRead + Unpin>(r: &mut R) -> io::Result<Option<Vec<u8>>> {
+    let mut size = String::new();
+    if r.read_line(&mut size).await? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "eof before chunk size",
+        ));
+    }
+    let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    if n == 0 {
+        loop {
+            let mut trailer = String::new();
+            if r.read_line(&mut trailer).await? == 0 || trailer.trim_end().is_empty() {
+                return Ok(None);
+            }
+        }
+    }
+    let mut buf = vec![0; n + 2];
+    r.read_exact(&mut buf).await?;
+    buf.truncate(n);
+    Ok(Some(buf))
 }
 
 /// A response as the client saw it.
@@ -149,33 +171,10 @@ impl Conn {
             if (100..200).contains(&status) {
                 continue;
             }
-            // Re-read the body now that we know it is a final response.
+            // Read the body now that we know it is a final response.
             let mut m = m;
             if status != 204 && status != 304 {
-                if m.header("transfer-encoding")
-                    .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-                {
-                    loop {
-                        let mut size = String::new();
-                        self.r.read_line(&mut size).await?;
-                        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-                        if n == 0 {
-                            let mut end = String::new();
-                            self.r.read_line(&mut end).await?;
-                            break;
-                        }
-                        let mut buf = vec![0; n + 2];
-                        self.r.read_exact(&mut buf).await?;
-                        m.body.extend_from_slice(&buf[..n]);
-                    }
-                } else if let Some(n) = m
-                    .header("content-length")
-                    .and_then(|v| v.parse::<usize>().ok())
-                {
-                    let mut buf = vec![0; n];
-                    self.r.read_exact(&mut buf).await?;
-                    m.body = buf;
-                }
+                m.body = read_body(&mut self.r, &m).await?;
             }
             return Ok(Response { status, msg: m });
         }
@@ -239,20 +238,52 @@ impl Conn {
             .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"))
     }
 
-    /// Reads one chunk of a chunked body: `None` at the terminating zero chunk.
+    /// Reads one chunk of a chunked body (see [`read_chunk`]): `None` at the terminating zero
+    /// chunk.
     pub async fn read_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
-        let mut size = String::new();
-        self.r.read_line(&mut size).await?;
-        let n = usize::from_str_radix(size.trim(), 16)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        if n == 0 {
-            let mut end = String::new();
-            self.r.read_line(&mut end).await?;
-            return Ok(None);
+        read_chunk(&mut self.r).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(headers: &[(&str, &str)]) -> Message {
+        Message {
+            start: "HTTP/1.1 200 OK".into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: Vec::new(),
         }
-        let mut buf = vec![0; n + 2];
-        self.r.read_exact(&mut buf).await?;
-        buf.truncate(n);
-        Ok(Some(buf))
+    }
+
+    #[tokio::test]
+    async fn chunked_body_strips_extensions_and_consumes_trailers() {
+        let m = head(&[("Transfer-Encoding", "chunked")]);
+        let mut r: &[u8] =
+            b"1a;name=value\r\nabcdefghijklmnopqrstuvwxyz\r\n3 ; x\r\n012\r\n0;end\r\nX-T: 1\r\n\r\nNEXT";
+        let body = read_body(&mut r, &m)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(body, b"abcdefghijklmnopqrstuvwxyz012");
+        assert_eq!(r, b"NEXT", "trailer section consumed, nothing more");
+    }
+
+    #[tokio::test]
+    async fn content_length_body_and_truncated_chunked_body() {
+        let mut r: &[u8] = b"hello world";
+        let body = read_body(&mut r, &head(&[("content-length", "5")]))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((body.as_slice(), r), (&b"hello"[..], &b" world"[..]));
+        let mut r: &[u8] = b"3\r\nabc\r\n";
+        let e = read_body(&mut r, &head(&[("transfer-encoding", "chunked")])).await;
+        assert_eq!(
+            e.map_err(|e| e.kind()).err(),
+            Some(io::ErrorKind::UnexpectedEof)
+        );
     }
 }

@@ -96,6 +96,35 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".."))
 }
 
+/// Polls until `child` (a `what` process) is ready: `/readyz` on `admin` answers 200 and its
+/// main listener `addr` accepts connections. Panics with the process's `log` when it exits
+/// first or is not ready within 60 s.
+pub async fn wait_ready(what: &str, child: &mut Child, admin: &str, addr: &str, log: &Path) {
+    let logs = || std::fs::read_to_string(log).unwrap_or_default();
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("{what} exited early ({st}):\n{}", logs());
+        }
+        // One probe never outlives the deadline (a stalled accept or answer would hang it).
+        let probe = async {
+            let ready = crate::http::request(admin, "GET", "/readyz", &[], b"")
+                .await
+                .map(|r| r.status == 200)
+                .unwrap_or(false);
+            ready && tokio::net::TcpStream::connect(addr).await.is_ok()
+        };
+        let left = end.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, probe).await.unwrap_or(false) {
+            return;
+        }
+        if Instant::now() > end {
+            panic!("{what} not ready on {addr} in time:\n{}", logs());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A running `multihub-hub`; killed on drop.
 pub struct HubProc {
     child: Child,
@@ -161,30 +190,16 @@ impl HubProc {
         }
     }
 
-    /// Polls `/readyz` until 200.
+    /// Polls until ready (see [`wait_ready`]).
     pub async fn wait_ready(&mut self) {
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("multihub-hub exited early ({st}):\n{}", self.logs());
-            }
-            if crate::http::request(&self.admin, "GET", "/readyz", &[], b"")
-                .await
-                .map(|r| r.status)
-                .unwrap_or(0)
-                == 200
-            {
-                return;
-            }
-            if Instant::now() > end {
-                panic!(
-                    "multihub-hub not ready on {} in time:\n{}",
-                    self.addr,
-                    self.logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_ready(
+            "multihub-hub",
+            &mut self.child,
+            &self.admin,
+            &self.addr,
+            &self.log,
+        )
+        .await;
     }
 
     /// Waits for the process to exit and returns its exit code.

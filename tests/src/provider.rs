@@ -2,10 +2,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::http::{request, Response};
-use crate::procs::{bin_path, free_port, workspace_root, TempDir};
+use crate::procs::{bin_path, free_port, wait_ready, workspace_root, TempDir};
 
 /// A test policy: transfer/deposit credit, refund debit; max 1000; escalate above 500; target
 /// `acct-risky` scores low and escalates; `acct-frozen` is blocked.
@@ -100,24 +99,15 @@ impl ProviderProc {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn multihub-provider: {e}"));
-        self.child = Some(child);
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("multihub-provider exited early ({st}):\n{}", self.logs());
-            }
-            let ready = request(&self.admin, "GET", "/readyz", &[], b"")
-                .await
-                .map(|r| r.status == 200)
-                .unwrap_or(false);
-            if ready && tokio::net::TcpStream::connect(&self.addr).await.is_ok() {
-                return;
-            }
-            if Instant::now() > end {
-                panic!("multihub-provider not ready in time:\n{}", self.logs());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = self.child.insert(child);
+        wait_ready(
+            "multihub-provider",
+            child,
+            &self.admin,
+            &self.addr,
+            &self.log,
+        )
+        .await;
     }
 
     /// SIGKILL, and wait for the process to be gone.
