@@ -89,18 +89,25 @@ fn check_integers(v: &Value, path: &mut String, depth: usize) -> Result<(), Inte
             }
             Ok(())
         }
-        Value::Object(o) => {
-            for (k, x) in o {
-                let len = path.len();
-                path.push('.');
-                path.push_str(k);
-                check_integers(x, path, depth + 1)?;
-                path.truncate(len);
-            }
-            Ok(())
-        }
+        Value::Object(o) => check_members(o, path, depth),
         _ => Ok(()),
     }
+}
+
+/// [`check_integers`] on each member of an object found at `depth`.
+fn check_members(
+    o: &Map<String, Value>,
+    path: &mut String,
+    depth: usize,
+) -> Result<(), IntentError> {
+    for (k, x) in o {
+        let len = path.len();
+        path.push('.');
+        path.push_str(k);
+        check_integers(x, path, depth + 1)?;
+        path.truncate(len);
+    }
+    Ok(())
 }
 
 impl ParsedIntent {
@@ -112,7 +119,7 @@ impl ParsedIntent {
 
     /// Validates a JSON value as an intent (also used to re-check a stored canonical intent).
     pub fn from_value(v: Value) -> Result<ParsedIntent, IntentError> {
-        let Value::Object(o) = v else {
+        let Value::Object(mut o) = v else {
             return Err(err("body", "must be a JSON object"));
         };
         for k in o.keys() {
@@ -150,24 +157,30 @@ impl ParsedIntent {
             Some(_) => return Err(err("amount", "must be an integer")),
             None => return Err(err("amount", "missing")),
         };
-        let params = match o.get("params") {
+        let params = match o.remove("params") {
             None => Map::new(),
             Some(Value::Object(p)) => {
                 let mut path = String::from("params");
-                check_integers(&Value::Object(p.clone()), &mut path, 1)?;
-                p.clone()
+                // `params` itself is at depth 1, its members at depth 2.
+                check_members(&p, &mut path, 1)?;
+                p
             }
             Some(_) => return Err(err("params", "must be an object")),
         };
+        // The typed intent and the JSON value each own their params: one copy for the intent;
+        // the map itself moves into `value` (`json!` would serialize it into another copy).
         let intent = Intent {
-            op: op.clone(),
-            target: target.clone(),
+            op,
+            target,
             amount,
             params: params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         };
-        let value = serde_json::json!({
-            "op": op, "target": target, "amount": amount, "params": Value::Object(params),
-        });
+        let value = Value::Object(Map::from_iter([
+            ("op".to_string(), Value::String(intent.op.clone())),
+            ("target".to_string(), Value::String(intent.target.clone())),
+            ("amount".to_string(), Value::from(amount)),
+            ("params".to_string(), Value::Object(params)),
+        ]));
         let canonical = canonical(&value);
         let fingerprint = sha256_hex(&canonical);
         Ok(ParsedIntent {

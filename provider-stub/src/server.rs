@@ -2,7 +2,7 @@
 //! service, and start-up (key, store, writer thread).
 
 use async_trait::async_trait;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::Response;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
@@ -36,7 +36,7 @@ fn to_response(r: Reply) -> Response<Vec<u8>> {
 }
 
 /// Reads the request body up to `max` bytes; `Err` is the refusal to answer.
-async fn read_body(s: &mut ServerSession, max: usize) -> Result<Vec<u8>, ApiError> {
+async fn read_body(s: &mut ServerSession, max: usize) -> Result<Bytes, ApiError> {
     let declared = s
         .req_header()
         .headers
@@ -64,7 +64,7 @@ async fn read_body(s: &mut ServerSession, max: usize) -> Result<Vec<u8>, ApiErro
                 }
                 buf.extend_from_slice(&chunk);
             }
-            Ok(None) => return Ok(buf.to_vec()),
+            Ok(None) => return Ok(buf.freeze()),
             Err(e) => {
                 s.set_keepalive(None);
                 return Err(ApiError::new(400, "bad_body", format!("body: {e}")));

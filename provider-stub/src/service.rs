@@ -10,7 +10,7 @@
 
 use ed25519_dalek::SigningKey;
 use http::HeaderMap;
-use multihub_protocol::hashing::{binding_hex, repr_of, sha256_hex};
+use multihub_protocol::hashing::{binding_hex, repr_of, sha256_hex, Repr};
 use multihub_protocol::headers as h;
 use multihub_protocol::receipt::{receipt_sha256, sign, EscalationDecision, ReceiptBody, Verdict};
 use multihub_protocol::signal::{key_id, Signal, Stage};
@@ -111,11 +111,13 @@ fn token_ok(s: &str, max: usize) -> bool {
 /// What the gateway established about a request.
 struct Gate<'a> {
     request_id: &'a str,
-    repr: String,
+    repr: Repr,
     intent: ParsedIntent,
     delegation: Option<&'a str>,
-    caller: String,
-    key: String,
+    /// The delegation id, or `anonymous`.
+    caller: &'a str,
+    /// `Idempotency-Key`, else `x-request-id`.
+    key: &'a str,
     outcome_url: Option<&'a str>,
     hub_path: &'a str,
     /// The hub's `x-hub-route`, passed to the association with START (it selects the
@@ -268,11 +270,11 @@ impl Provider {
         Ok(Gate {
             route,
             request_id,
-            repr: repr.as_str().to_string(),
+            repr,
             intent,
-            caller: delegation.unwrap_or(ANONYMOUS).to_string(),
+            caller: delegation.unwrap_or(ANONYMOUS),
             delegation,
-            key: key.to_string(),
+            key,
             outcome_url,
             hub_path,
         })
@@ -333,7 +335,7 @@ impl Provider {
     }
 
     async fn pipeline(&self, g: &Gate<'_>, body: &[u8]) -> Result<Reply, ApiError> {
-        let _guard = self.claim(&g.caller, &g.key)?;
+        let _guard = self.claim(g.caller, g.key)?;
         // START: provider-generated boundary, durable before any effect.
         let mut pre = String::with_capacity(200);
         pre.push_str(&self.id);
@@ -343,7 +345,7 @@ impl Provider {
         pre.push_str(&g.intent.fingerprint);
         let start = Signal::signed_with_key_id(
             g.request_id,
-            &g.repr,
+            g.repr.as_str(),
             &self.id,
             Stage::Start,
             &sha256_hex(pre.as_bytes()),
@@ -351,12 +353,12 @@ impl Provider {
             &self.key_id,
         );
         let op = Op::Start(StartOp {
-            caller: g.caller.clone(),
-            key: g.key.clone(),
+            caller: g.caller.to_string(),
+            key: g.key.to_string(),
             fingerprint: g.intent.fingerprint.clone(),
             request_id: g.request_id.to_string(),
             start: NewOut {
-                dedup: crate::store::dedup("S", &g.caller, &g.key),
+                dedup: crate::store::dedup("S", g.caller, g.key),
                 url: self.signals_url.clone(),
                 headers: g
                     .route
@@ -393,7 +395,7 @@ impl Provider {
         let facts = RequestFacts {
             provider: &self.id,
             request_id: g.request_id,
-            request_repr: &g.repr,
+            request_repr: g.repr.as_str(),
         };
         match decide(facts, &g.intent, &snapshot, &self.policy, None) {
             Decision::Escalate { rules } => {
@@ -403,11 +405,11 @@ impl Provider {
                 .unwrap_or_default();
                 let held = Held {
                     request_id: g.request_id.to_string(),
-                    caller: g.caller.clone(),
-                    key: g.key.clone(),
+                    caller: g.caller.to_string(),
+                    key: g.key.to_string(),
                     delegation: g.delegation.map(str::to_string),
                     request: body.to_vec(),
-                    repr: g.repr.clone(),
+                    repr: g.repr.as_str().to_string(),
                     outcome_url: g.outcome_url.map(str::to_string),
                     hub_path: g.hub_path.to_string(),
                 };
@@ -423,8 +425,8 @@ impl Provider {
                 let r = self
                     .commit_receipt(
                         &receipt,
-                        &g.caller,
-                        &g.key,
+                        g.caller,
+                        g.key,
                         body,
                         false,
                         g.outcome_url,
@@ -517,7 +519,7 @@ impl Provider {
         if !self.delegations.delegations.contains_key(id) {
             return ApiError::new(404, "unknown_delegation", format!("delegation \"{id}\"")).into();
         }
-        match self.writer.run(Op::Revoke { id: id.to_string() }).await {
+        match self.store(Op::Revoke { id: id.to_string() }).await {
             Ok(Applied::Revoked(new)) => {
                 if let Ok(mut s) = self.revoked.write() {
                     s.insert(id.to_string());
@@ -530,7 +532,7 @@ impl Provider {
                 )
             }
             Ok(_) => ApiError::new(500, "store", "unexpected store answer").into(),
-            Err(e) => ApiError::new(500, "store", e).into(),
+            Err(e) => e.into(),
         }
     }
 
@@ -612,7 +614,7 @@ impl Provider {
 
     /// `GET /admin/ledger`: balances and receipt count.
     pub async fn ledger(&self) -> Reply {
-        match self.writer.run(Op::Ledger).await {
+        match self.store(Op::Ledger).await {
             Ok(Applied::Ledger { balances, receipts }) => {
                 let b: serde_json::Map<String, serde_json::Value> = balances
                     .into_iter()
@@ -625,7 +627,7 @@ impl Provider {
                 )
             }
             Ok(_) => ApiError::new(500, "store", "unexpected store answer").into(),
-            Err(e) => ApiError::new(500, "store", e).into(),
+            Err(e) => e.into(),
         }
     }
 }

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Parser, Debug)]
@@ -45,6 +45,28 @@ const POLICY: &str = r#"{"id":"bench","version":"1","ops":{"transfer":"credit"},
  "scoring":{"weights":{"amount":1,"delegation":1,"target":1},"default_target_trust_bp":8000}}"#;
 const DELEGATIONS: &str = r#"{"version":1,"delegations":{"bench":{"ops":["transfer"],"targets":["*"],"max_amount":1000000}}}"#;
 
+/// Reads header lines (after the request or status line) through the blank line that ends the
+/// head, using `line` as the buffer. Returns the `Content-Length` (0 if absent or unparsable), or
+/// `None` if the connection ended or failed first.
+async fn read_headers<R: AsyncBufRead + Unpin>(r: &mut R, line: &mut String) -> Option<usize> {
+    let mut len = 0usize;
+    loop {
+        line.clear();
+        if r.read_line(line).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            return Some(len);
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+}
+
 /// A dummy association: 201 to every request, counting them.
 async fn association(listener: TcpListener, count: Arc<AtomicU64>) {
     while let Ok((sock, _)) = listener.accept().await {
@@ -55,26 +77,13 @@ async fn association(listener: TcpListener, count: Arc<AtomicU64>) {
             let mut r = BufReader::new(r);
             let mut line = String::new();
             loop {
-                let mut len = 0usize;
                 line.clear();
                 if r.read_line(&mut line).await.unwrap_or(0) == 0 {
                     return;
                 }
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let l = line.trim_end();
-                    if l.is_empty() {
-                        break;
-                    }
-                    if let Some((k, v)) = l.split_once(':') {
-                        if k.eq_ignore_ascii_case("content-length") {
-                            len = v.trim().parse().unwrap_or(0);
-                        }
-                    }
-                }
+                let Some(len) = read_headers(&mut r, &mut line).await else {
+                    return;
+                };
                 let mut body = vec![0u8; len];
                 if r.read_exact(&mut body).await.is_err() {
                     return;
@@ -139,22 +148,9 @@ async fn client(
             .nth(1)
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        let mut len = 0usize;
-        loop {
-            line.clear();
-            if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                return;
-            }
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-        }
+        let Some(len) = read_headers(&mut r, &mut line).await else {
+            return;
+        };
         let mut b = vec![0u8; len];
         if r.read_exact(&mut b).await.is_err() {
             return;
