@@ -20,4 +20,6 @@ pub mod url;
 
 pub use plan::{plan, Plan, RequestView};
 pub use reject::Reject;
-pub use table::{compile, ConfigError, Problem, Route, RoutingTable, Upstream, UpstreamKind};
+pub use table::{
+    compile, ConfigError, Problem, Route, RoutingTable, Upstream, UpstreamKind, MAX_SLOTS,
+};

@@ -156,6 +156,11 @@ pub struct Route {
     pub copy_max_body_bytes: u64,
 }
 
+/// Largest accepted `hub.max_in_flight`, `hub.outcome_queue` and `copies.max_in_flight`
+/// (each sizes a semaphore; far beyond what one process can hold open).
+pub const MAX_SLOTS: usize = 1_000_000;
+const SLOTS_RANGE: &str = "must be between 1 and 1000000";
+
 /// One compiled, validated routing-table version. Immutable once built; swapped whole.
 #[derive(Debug)]
 pub struct RoutingTable {
@@ -285,8 +290,8 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
     if h.max_body_bytes == 0 {
         c.push("$.hub.max_body_bytes", "must be at least 1");
     }
-    if h.max_in_flight == 0 {
-        c.push("$.hub.max_in_flight", "must be at least 1");
+    if h.max_in_flight == 0 || h.max_in_flight > MAX_SLOTS {
+        c.push("$.hub.max_in_flight", SLOTS_RANGE);
     }
     if h.async_retries > 10 {
         c.push("$.hub.async_retries", "must be at most 10");
@@ -294,8 +299,8 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
     if h.outcome_retries > 20 {
         c.push("$.hub.outcome_retries", "must be at most 20");
     }
-    if h.outcome_queue == 0 {
-        c.push("$.hub.outcome_queue", "must be at least 1");
+    if h.outcome_queue == 0 || h.outcome_queue > MAX_SLOTS {
+        c.push("$.hub.outcome_queue", SLOTS_RANGE);
     }
     let outcome_url = match url::parse(&h.advertise) {
         Ok(u) => {
@@ -500,8 +505,8 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
         if r.max_response_bytes == 0 {
             c.push(format!("{rp}.max_response_bytes"), "must be at least 1");
         }
-        if r.copies.max_in_flight == 0 {
-            c.push(format!("{rp}.copies.max_in_flight"), "must be at least 1");
+        if r.copies.max_in_flight == 0 || r.copies.max_in_flight > MAX_SLOTS {
+            c.push(format!("{rp}.copies.max_in_flight"), SLOTS_RANGE);
         }
         routes.push(Route {
             id: r.id.clone(),
@@ -619,6 +624,26 @@ pub(crate) mod tests {
                 .any(|x| x.starts_with("$.routes[0].relay[0]: unknown peer \"hub-q\"")),
             "{p:#?}"
         );
+    }
+
+    #[test]
+    fn bounds_that_size_semaphores_have_a_ceiling() {
+        let doc = sample().replace(
+            r#""max_hops": 8"#,
+            r#""max_hops": 8, "max_in_flight": 1000001, "outcome_queue": 0"#,
+        );
+        let p = problems(&doc);
+        for e in [
+            "$.hub.max_in_flight: must be between 1 and 1000000",
+            "$.hub.outcome_queue: must be between 1 and 1000000",
+        ] {
+            assert!(p.iter().any(|x| x == e), "missing {e:?} in {p:#?}");
+        }
+        let ok = sample().replace(
+            r#""max_hops": 8"#,
+            r#""max_hops": 8, "max_in_flight": 1000000"#,
+        );
+        assert!(problems(&ok).is_empty(), "{:#?}", problems(&ok));
     }
 
     #[test]

@@ -70,10 +70,9 @@ impl ServeHttp for Admin {
         match path {
             "/metrics" => {
                 let e = &self.engine;
-                let used = e
-                    .max_in_flight
-                    .saturating_sub(e.in_flight.available_permits());
-                e.metrics.deliveries_in_flight.set(used as i64);
+                e.metrics
+                    .deliveries_in_flight
+                    .set(e.in_flight.in_use() as i64);
                 reply(200, "text/plain; version=0.0.4", e.metrics.render())
             }
             "/healthz" => json_reply(200, json!({ "status": "alive" })),

@@ -109,7 +109,7 @@ impl Hub {
                     t,
                     base: &base,
                     body: &body,
-                    slots: &self.engine.in_flight,
+                    slots: self.engine.in_flight.semaphore(),
                     wait: true,
                     retries: 0,
                 };
@@ -289,7 +289,11 @@ impl Hub {
                 return;
             };
             let (slots, retries, order) = match bound {
-                Bound::Hub => (&*engine.in_flight, t.table.hub.async_retries, r.order),
+                Bound::Hub => (
+                    engine.in_flight.semaphore(),
+                    t.table.hub.async_retries,
+                    r.order,
+                ),
                 Bound::Copies => match t.copy_slots.get(route) {
                     Some(s) => (s, 0, Order::Parallel),
                     None => return,
@@ -337,7 +341,7 @@ impl Hub {
                 };
                 let wait = up.timeout.min(route.timeout);
                 let Ok(Ok(_permit)) =
-                    pingora_timeout::timeout(wait, engine.in_flight.acquire()).await
+                    pingora_timeout::timeout(wait, engine.in_flight.semaphore().acquire()).await
                 else {
                     return (i, Err(Failure::InFlightFull));
                 };

@@ -147,7 +147,7 @@ impl Hub {
                 .inc(),
         }
 
-        let Ok(permit) = self.engine.outcome_slots.clone().try_acquire_owned() else {
+        let Ok(permit) = self.engine.outcome_slots.shared().try_acquire_owned() else {
             self.engine
                 .metrics
                 .outcomes

@@ -47,11 +47,22 @@ impl Reloader {
                     );
                     return;
                 }
-                if l.table.hub.max_in_flight != self.engine.max_in_flight {
-                    log::warn!(
-                        "hub.max_in_flight changed to {}; it takes effect at the next restart",
-                        l.table.hub.max_in_flight
-                    );
+                for (name, slots, n) in [
+                    (
+                        "max_in_flight",
+                        &self.engine.in_flight,
+                        l.table.hub.max_in_flight,
+                    ),
+                    (
+                        "outcome_queue",
+                        &self.engine.outcome_slots,
+                        l.table.hub.outcome_queue,
+                    ),
+                ] {
+                    if slots.limit() != n {
+                        log::info!("hub.{name}: {} -> {n}", slots.limit());
+                        slots.resize(n);
+                    }
                 }
                 let old = current.table.version.clone();
                 let new = HubTable::new(l, m);

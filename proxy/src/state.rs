@@ -159,14 +159,81 @@ pub struct ReloadStatus {
     pub last_error_at: Option<SystemTime>,
 }
 
+/// Largest `hub.max_in_flight` / `hub.outcome_queue` the hub accepts (the routing-table
+/// validation refuses more).
+pub const MAX_SLOTS: usize = multihub_filters::MAX_SLOTS;
+
+/// A process-wide bound on work in flight whose size a routing-table reload can change.
+/// Growing adds permits at once. Shrinking takes permits back one at a time as work in flight
+/// returns them (queued fairly with waiting work), so work already admitted is never cut short
+/// and the bound reaches its new size as that work ends.
+pub struct Slots {
+    sem: Arc<Semaphore>,
+    /// The configured size.
+    limit: AtomicUsize,
+    /// Permits that exist: the configured size plus what a shrink has yet to take back.
+    total: Arc<AtomicUsize>,
+}
+
+impl Slots {
+    pub fn new(n: usize) -> Slots {
+        let n = n.min(MAX_SLOTS);
+        Slots {
+            sem: Arc::new(Semaphore::new(n)),
+            limit: AtomicUsize::new(n),
+            total: Arc::new(AtomicUsize::new(n)),
+        }
+    }
+
+    pub fn semaphore(&self) -> &Semaphore {
+        &self.sem
+    }
+
+    /// The semaphore, for permits that outlive a borrow.
+    pub fn shared(&self) -> Arc<Semaphore> {
+        self.sem.clone()
+    }
+
+    /// The configured size.
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::SeqCst)
+    }
+
+    /// Permits held by work now (during a shrink, plus at most the one permit being taken back).
+    pub fn in_use(&self) -> usize {
+        self.total
+            .load(Ordering::SeqCst)
+            .saturating_sub(self.sem.available_permits())
+    }
+
+    /// Changes the size to `n` (see the type). Needs a Tokio runtime when it shrinks.
+    pub fn resize(&self, n: usize) {
+        let n = n.min(MAX_SLOTS);
+        let old = self.limit.swap(n, Ordering::SeqCst);
+        if n > old {
+            self.total.fetch_add(n - old, Ordering::SeqCst);
+            self.sem.add_permits(n - old);
+        } else if n < old {
+            let (sem, total) = (self.sem.clone(), self.total.clone());
+            tokio::spawn(async move {
+                for _ in n..old {
+                    let Ok(p) = sem.acquire().await else { return };
+                    p.forget();
+                    total.fetch_sub(1, Ordering::SeqCst);
+                }
+            });
+        }
+    }
+}
+
 /// Process-wide delivery machinery and lifecycle, shared by every table version.
 pub struct Engine {
     pub deliverer: Deliverer,
-    /// Bounds deliveries in flight (async, confirmed, collect and relays alike).
-    pub in_flight: Arc<Semaphore>,
-    pub max_in_flight: usize,
-    /// Bounds outcome relays queued or in delivery.
-    pub outcome_slots: Arc<Semaphore>,
+    /// Bounds deliveries in flight (async, confirmed, collect and relays alike):
+    /// `hub.max_in_flight`.
+    pub in_flight: Slots,
+    /// Bounds outcome relays queued or in delivery: `hub.outcome_queue`.
+    pub outcome_slots: Slots,
     pub metrics: Metrics,
     /// Requests being handled now.
     pub active_requests: AtomicUsize,
@@ -183,9 +250,8 @@ impl Engine {
     pub fn new(metrics: Metrics, max_in_flight: usize, outcome_queue: usize) -> Engine {
         Engine {
             deliverer: Deliverer::new(1024),
-            in_flight: Arc::new(Semaphore::new(max_in_flight)),
-            max_in_flight,
-            outcome_slots: Arc::new(Semaphore::new(outcome_queue)),
+            in_flight: Slots::new(max_in_flight),
+            outcome_slots: Slots::new(outcome_queue),
             metrics,
             active_requests: AtomicUsize::new(0),
             background: AtomicUsize::new(0),

@@ -14,6 +14,23 @@ pub use recorder::{Behaviour, Recorded, Recorder};
 
 use std::time::{Duration, Instant};
 
+/// [`eventually`] with an async check.
+pub async fn eventually_async<T, F>(what: &str, deadline: Duration, mut f: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Option<T>>,
+{
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Polls `f` until it returns `Some` or `deadline` passes.
 pub async fn eventually<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + deadline;

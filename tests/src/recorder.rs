@@ -175,7 +175,13 @@ impl Recorder {
 
     /// Opens the gate for `Behaviour::Gated` requests (held ones are answered).
     pub fn open_gate(&self) {
-        let _ = self.shared.gate.send(true);
+        self.shared.gate.send_replace(true);
+    }
+
+    /// Closes the gate again: requests from now on are held until the next `open_gate`.
+    /// (`send_replace`: `send` would not change the value while nothing waits on the gate.)
+    pub fn close_gate(&self) {
+        self.shared.gate.send_replace(false);
     }
 
     /// Everything received so far.

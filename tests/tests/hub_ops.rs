@@ -3,7 +3,9 @@
 
 use multihub_tests::http::{request, Conn};
 use multihub_tests::procs::run_bin;
-use multihub_tests::{eventually, free_port, Behaviour, HubProc, Recorder, TempDir};
+use multihub_tests::{
+    eventually, eventually_async, free_port, Behaviour, HubProc, Recorder, TempDir,
+};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::path::Path;
@@ -560,4 +562,96 @@ async fn upgrade_hands_over_listeners_without_failed_requests() {
         ok.load(Ordering::SeqCst),
         resets.load(Ordering::SeqCst)
     );
+}
+
+/// A version whose only route delivers `async` to `target`, with `hub.max_in_flight` = `bound`.
+fn bounded(v: &str, bound: usize, target: &str) -> String {
+    json!({
+        "version": v,
+        "hub": { "id": "hub-a", "advertise": "http://127.0.0.1:1", "max_in_flight": bound },
+        "providers": { "held": { "url": target } },
+        "routes": [{ "id": "r", "match": { "path_prefix": "/" }, "targets": ["held"], "delivery": "async" }],
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_resizes_the_in_flight_bound() {
+    let held = Recorder::start(Behaviour::Gated).await;
+    let dir = TempDir::new("bound");
+    let routes = dir.path().join("routes");
+    std::fs::create_dir_all(&routes).unwrap_or_else(|e| panic!("{e}"));
+    for (v, bound) in [("one", 1), ("four", 4)] {
+        std::fs::write(
+            routes.join(format!("{v}.json")),
+            bounded(v, bound, &held.url()),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    std::fs::write(routes.join("active"), "one\n").unwrap_or_else(|e| panic!("{e}"));
+    let hub = HubProc::start(&routes, &[]).await;
+    const DROPPED: &str = "hub_deliveries_dropped_total{reason=\"in_flight_full\"}";
+    let send = |n: usize| {
+        let addr = hub.addr.clone();
+        async move {
+            for _ in 0..n {
+                let r = request(&addr, "POST", "/", &[], b"x")
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(r.status, 204);
+            }
+        }
+    };
+    // Waits until each of the `sent` requests so far was either delivered or dropped (the
+    // deliveries are admitted in the background after the 204), then returns (held, dropped).
+    let settled = |sent: usize| {
+        let hub = &hub;
+        let held = &held;
+        async move {
+            eventually_async("every delivery admitted or dropped", WAIT, || async {
+                let dropped = metric(hub, DROPPED).await as usize;
+                (held.count() + dropped == sent).then_some((held.count(), dropped))
+            })
+            .await
+        }
+    };
+    let active = |v: &'static str| {
+        let admin = hub.admin.clone();
+        move || {
+            let admin = admin.clone();
+            async move {
+                let r = request(&admin, "GET", "/routes", &[], b"").await.ok()?;
+                (r.json()["version"].as_str() == Some(v)).then_some(())
+            }
+        }
+    };
+
+    // Bound 1: the first delivery holds the only slot, the next two are dropped and counted.
+    send(3).await;
+    assert_eq!(settled(3).await, (1, 2));
+
+    // Reloaded to 4: three more slots at once, while the first delivery is still held.
+    activate(&routes, "four");
+    eventually_async("version four active", WAIT, active("four")).await;
+    send(3).await;
+    assert_eq!(settled(6).await, (4, 2));
+    assert_eq!(metric(&hub, "hub_deliveries_in_flight").await, 4.0);
+
+    // Back to 1: nothing admitted is cut short; the bound shrinks as the held ones end.
+    activate(&routes, "one");
+    eventually_async("version one active", WAIT, active("one")).await;
+    held.open_gate();
+    eventually("the held deliveries to be answered", WAIT, || {
+        (held.answered() == 4).then_some(())
+    })
+    .await;
+    // In use reaches 0 only once the shrink has taken its three permits back.
+    eventually_async("the bound to shrink", WAIT, || async {
+        (metric(&hub, "hub_deliveries_in_flight").await == 0.0).then_some(())
+    })
+    .await;
+    held.close_gate();
+    send(3).await;
+    assert_eq!(settled(9).await, (5, 4));
+    held.open_gate();
 }
