@@ -592,11 +592,7 @@ mod tests {
             let a = sk.to_scalar();
             let r = Scalar::from(r);
             let big_r = (ED25519_BASEPOINT_POINT * r + EIGHT_TORSION[torsion % 8]).compress();
-            let mut h = Sha512::new();
-            h.update(big_r.as_bytes());
-            h.update(sk.verifying_key().as_bytes());
-            h.update(s.signing_bytes());
-            let k = Scalar::from_bytes_mod_order_wide(&h.finalize().into());
+            let k = challenge(s, &big_r, sk.verifying_key().as_bytes());
             let sig_s = r + k * a;
             let mut raw = [0u8; 64];
             raw[..32].copy_from_slice(big_r.as_bytes());
@@ -640,24 +636,89 @@ mod tests {
             }
         }
 
+        /// `k = H(R || A || M)` for `s` under the key bytes `a`.
+        fn challenge(s: &Signal, big_r: &CompressedEdwardsY, a: &[u8; 32]) -> Scalar {
+            let mut h = Sha512::new();
+            h.update(big_r.as_bytes());
+            h.update(a);
+            h.update(s.signing_bytes());
+            Scalar::from_bytes_mod_order_wide(&h.finalize().into())
+        }
+
+        fn set_sig(s: &mut Signal, big_r: &CompressedEdwardsY, sig_s: &Scalar) {
+            let mut raw = [0u8; 64];
+            raw[..32].copy_from_slice(big_r.as_bytes());
+            raw[32..].copy_from_slice(sig_s.as_bytes());
+            s.sig = URL_SAFE_NO_PAD.encode(raw);
+        }
+
         #[test]
         fn a_key_of_small_order_verifies_nothing() {
-            let weak = VerifyingKey::from_bytes(&EIGHT_TORSION[1].compress().to_bytes())
+            let t = EIGHT_TORSION[1];
+            let weak = VerifyingKey::from_bytes(&t.compress().to_bytes())
                 .unwrap_or_else(|e| panic!("{e}"));
             let v = SignalVerifier::new(weak);
             assert!(v.is_weak());
-            // A small-order R with s = 0 satisfies the cofactorless equation under a weak key
-            // for some messages; both verifiers refuse it whatever the message.
-            let mut s = Signal::signed("r", "sha256=00", "p", Stage::Start, "b", &key(1));
-            s.key_id = key_id(&weak);
-            let mut raw = [0u8; 64];
-            raw[..32].copy_from_slice(CompressedEdwardsY::default().as_bytes());
-            s.sig = URL_SAFE_NO_PAD.encode(raw);
+            // Anyone can forge under a key A of small order: with R = [s]B - [3]A, the equation
+            // [s]B - [k]A == R holds whenever k = 3 (mod 8). Only the check on A refuses it.
+            let sig_s = Scalar::from(7u64);
+            let big_r = (ED25519_BASEPOINT_POINT * sig_s - t * Scalar::from(3u64)).compress();
+            let forged = (0..500).find_map(|n| {
+                let mut s = Signal::signed(
+                    &format!("r{n}"),
+                    "sha256=00",
+                    "p",
+                    Stage::Start,
+                    "b",
+                    &key(1),
+                );
+                s.key_id = key_id(&weak);
+                let k = challenge(&s, &big_r, weak.as_bytes());
+                (k.as_bytes()[0] & 7 == 3).then(|| {
+                    set_sig(&mut s, &big_r, &sig_s);
+                    s
+                })
+            });
+            let s = forged.unwrap_or_else(|| panic!("no message with k = 3 (mod 8)"));
             assert_eq!(s.verify(&weak), Err(SignalError::BadSignature));
             assert_eq!(
                 v.verify_with(&s, &mut Vec::new()),
                 Err(SignalError::BadSignature)
             );
+        }
+
+        #[test]
+        fn a_key_with_a_torsion_component_verifies_like_verify_strict() {
+            // A = [a]B + T is not of small order, so `verify_strict` uses it. Then
+            // [s]B - [k]A = [r]B - [k]T: a signature with R = [r]B - [u]T verifies exactly when
+            // k = u (mod 8), under both verifiers.
+            let a = Scalar::from(123_456_789u64);
+            let t = EIGHT_TORSION[1];
+            let vk = VerifyingKey::from_bytes(&(ED25519_BASEPOINT_POINT * a + t).compress().0)
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(!vk.is_weak());
+            let v = SignalVerifier::new(vk);
+            let mut scratch = Vec::new();
+            let mut accepted = 0;
+            for n in 1..32u64 {
+                let mut s = Signal::signed("r", "sha256=00", "p", Stage::Start, "b", &key(1));
+                s.key_id = key_id(&vk);
+                let r = Scalar::from(n);
+                for u in 0..8u64 {
+                    let big_r = (ED25519_BASEPOINT_POINT * r - t * Scalar::from(u)).compress();
+                    let k = challenge(&s, &big_r, vk.as_bytes());
+                    set_sig(&mut s, &big_r, &(r + k * a));
+                    let want = s.verify(&vk);
+                    assert_eq!(
+                        u64::from(k.as_bytes()[0] & 7) == u,
+                        want.is_ok(),
+                        "n={n} u={u}"
+                    );
+                    assert_eq!(v.verify_with(&s, &mut scratch), want, "n={n} u={u}");
+                    accepted += usize::from(want.is_ok());
+                }
+            }
+            assert!(accepted > 0, "no accepted case was exercised");
         }
 
         proptest! {

@@ -73,6 +73,9 @@ impl ServeHttp for Admin {
                 e.metrics
                     .deliveries_in_flight
                     .set(e.in_flight.in_use() as i64);
+                e.metrics
+                    .deliveries_in_flight_bound
+                    .set(e.in_flight.total() as i64);
                 reply(200, "text/plain; version=0.0.4", e.metrics.render())
             }
             "/healthz" => json_reply(200, json!({ "status": "alive" })),

@@ -15,6 +15,7 @@ pub struct Metrics {
     pub deliveries: IntCounterVec,
     pub delivery_duration: HistogramVec,
     pub deliveries_in_flight: IntGauge,
+    pub deliveries_in_flight_bound: IntGauge,
     pub dropped: IntCounterVec,
     pub relays: IntCounterVec,
     pub relays_suppressed: IntCounterVec,
@@ -99,6 +100,12 @@ impl Metrics {
             "Deliveries to upstreams in flight now.",
         )?;
         r.register(Box::new(deliveries_in_flight.clone()))?;
+        let deliveries_in_flight_bound = IntGauge::new(
+            "hub_deliveries_in_flight_bound",
+            "Delivery slots that exist now: hub.max_in_flight, plus what a shrink at a reload \
+             has yet to take back.",
+        )?;
+        r.register(Box::new(deliveries_in_flight_bound.clone()))?;
         let active_info = IntGaugeVec::new(
             Opts::new(
                 "hub_routes_active_info",
@@ -174,6 +181,7 @@ impl Metrics {
                 &["sink", "result"],
             )?,
             deliveries_in_flight,
+            deliveries_in_flight_bound,
             active_info,
             last_reload_success,
             registry: r,

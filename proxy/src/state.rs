@@ -199,6 +199,11 @@ impl Slots {
         self.limit.load(Ordering::SeqCst)
     }
 
+    /// Permits that exist now: the configured size plus what a shrink has yet to take back.
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::SeqCst)
+    }
+
     /// Permits held by work now (during a shrink, plus at most the one permit being taken back).
     pub fn in_use(&self) -> usize {
         self.total
@@ -284,3 +289,74 @@ impl Drop for Busy {
 
 /// The table slot: loaded once per request with `load_full`, swapped whole on reload.
 pub type Tables = Arc<ArcSwap<HubTable>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lets the shrink task run until `slots` has `total` permits (bounded, so it can fail).
+    async fn settle(slots: &Slots, total: usize) {
+        for _ in 0..10_000 {
+            if slots.total() == total {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("total stayed {}, expected {total}", slots.total());
+    }
+
+    #[tokio::test]
+    async fn growing_applies_at_once_and_shrinking_waits_for_work_in_flight() {
+        let s = Slots::new(2);
+        let a = s
+            .semaphore()
+            .try_acquire()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let b = s
+            .semaphore()
+            .try_acquire()
+            .unwrap_or_else(|e| panic!("{e}"));
+        s.resize(4);
+        assert_eq!((s.limit(), s.total(), s.in_use()), (4, 4, 2));
+        // Shrinking to 1 takes the two free slots back at once, then waits for work to end.
+        s.resize(1);
+        settle(&s, 2).await;
+        assert_eq!((s.limit(), s.in_use()), (1, 2));
+        assert!(
+            s.semaphore().try_acquire().is_err(),
+            "no slot beyond the work in flight"
+        );
+        drop(a);
+        settle(&s, 1).await;
+        assert_eq!(s.in_use(), 1);
+        assert!(
+            s.semaphore().try_acquire().is_err(),
+            "the freed slot was taken back"
+        );
+        drop(b);
+        assert_eq!((s.total(), s.in_use()), (1, 0));
+        assert_eq!(s.semaphore().available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn any_order_of_resizes_ends_at_the_last_size() {
+        let s = Slots::new(10);
+        let held = s
+            .semaphore()
+            .try_acquire_many(10)
+            .unwrap_or_else(|e| panic!("{e}"));
+        s.resize(5);
+        s.resize(12);
+        s.resize(3);
+        drop(held);
+        settle(&s, 3).await;
+        assert_eq!((s.limit(), s.in_use()), (3, 0));
+        assert_eq!(s.semaphore().available_permits(), 3);
+    }
+
+    #[test]
+    fn sizes_are_capped() {
+        let s = Slots::new(usize::MAX);
+        assert_eq!(s.limit(), MAX_SLOTS);
+    }
+}
