@@ -30,10 +30,30 @@ pub struct FileConfig {
     pub store: FileStore,
     #[serde(default)]
     pub threads: Option<usize>,
+    /// `"strict"` (default): `verify_strict` per signal. `"batch"`: batch verification (see
+    /// `SignatureCheck::Batch`).
+    #[serde(default)]
+    pub signature_check: SignatureCheck,
     pub providers: BTreeMap<String, FileProvider>,
     pub policy: FilePolicySet,
     #[serde(default)]
     pub limits: FileLimits,
+}
+
+/// How `POST /signals` checks signatures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignatureCheck {
+    /// Each signature on its own, exactly `verify_strict` (DESIGN §6).
+    #[default]
+    Strict,
+    /// Signatures waiting at the same moment are checked together with
+    /// `protocol::signal::verify_batch` on one verifier thread; a failed batch falls back to
+    /// one check each. Forged or altered signatures are still refused. The one difference from
+    /// `verify_strict`: a provider can deliberately sign with a torsion component in its nonce
+    /// point and get that signal stored with probability up to 1/2, and the offline `verify`
+    /// would then report it.
+    Batch,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,6 +175,7 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub store_path: PathBuf,
     pub threads: usize,
+    pub signature_check: SignatureCheck,
     /// Sorted by id.
     pub providers: Vec<Provider>,
     pub policies: Policies,
@@ -486,6 +507,7 @@ pub fn lower(f: FileConfig, base: &Path) -> Result<Config, ConfigProblems> {
         admin_listen,
         store_path,
         threads,
+        signature_check: f.signature_check,
         providers,
         policies: Policies { default, routes },
         limits,

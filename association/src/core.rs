@@ -7,13 +7,14 @@
 //! only after the commit returns answers each waiting request.
 
 use bytes::Bytes;
-use multihub_protocol::signal::{Signal, SignalError, Stage};
+use multihub_protocol::signal::{verify_batch, Signal, SignalError, Stage};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::TrySendError;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
-use crate::config::{valid_route, Config};
+use crate::config::{valid_route, Config, SignatureCheck};
 use crate::error::ApiError;
 use crate::metrics::{Metrics, SignalResult};
 use crate::policy::{digest, OpSignals};
@@ -23,6 +24,53 @@ use crate::store::{Applied, Confirmation, Incoming, SignalStore, SqliteStore, St
 struct Job {
     incoming: Incoming,
     reply: oneshot::Sender<Result<Applied, ()>>,
+}
+
+/// One signature waiting for the batch verifier.
+struct Check {
+    provider: usize,
+    key: usize,
+    sig: [u8; 64],
+    message: Vec<u8>,
+    reply: oneshot::Sender<bool>,
+}
+
+/// Most signatures checked in one batch.
+const MAX_VERIFY_BATCH: usize = 256;
+
+/// The batch verifier thread: takes every signature waiting, checks them together with
+/// `verify_batch`, and when that fails (or for a single one) checks each with `verify_strict`'s
+/// contract to answer exactly which are bad.
+fn run_verifier(config: &Config, rx: std::sync::mpsc::Receiver<Check>) {
+    let mut rng = rand::thread_rng();
+    let mut batch: Vec<Check> = Vec::with_capacity(MAX_VERIFY_BATCH);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_VERIFY_BATCH {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let key_of = |c: &Check| {
+            config
+                .providers
+                .get(c.provider)
+                .and_then(|p| p.keys.get(c.key))
+        };
+        let items: Option<Vec<_>> = batch
+            .iter()
+            .map(|c| key_of(c).map(|k| (k, &c.sig, &c.message[..])))
+            .collect();
+        let all_ok = match &items {
+            Some(items) if items.len() > 1 => verify_batch(items, &mut rng),
+            _ => false,
+        };
+        for c in batch.drain(..) {
+            let ok = all_ok || key_of(&c).is_some_and(|k| k.verifies(&c.sig, &c.message));
+            let _ = c.reply.send(ok);
+        }
+    }
 }
 
 /// What `POST /signals` answers when the signal was accepted or refused by the store.
@@ -80,6 +128,8 @@ pub struct Core {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     writer: mpsc::Sender<Job>,
+    /// The batch verifier's queue (`"signature_check": "batch"`).
+    verifier: Option<std::sync::mpsc::SyncSender<Check>>,
     readers: Arc<ReadPool>,
     /// Latest confirmation seq, advanced by the writer after each commit.
     pub events: watch::Receiver<i64>,
@@ -119,6 +169,25 @@ impl Core {
         if spawned.is_err() {
             alive.store(false, Ordering::SeqCst);
         }
+        let verifier = match config.signature_check {
+            SignatureCheck::Strict => None,
+            SignatureCheck::Batch => {
+                let (tx, rx) = std::sync::mpsc::sync_channel(config.limits.queue);
+                let c = config.clone();
+                match std::thread::Builder::new()
+                    .name("association-verify".into())
+                    .spawn(move || run_verifier(&c, rx))
+                {
+                    Ok(_) => Some(tx),
+                    Err(e) => {
+                        log::warn!(
+                            "batch verifier thread not started ({e}); checking each signature"
+                        );
+                        None
+                    }
+                }
+            }
+        };
         let readers = Arc::new(ReadPool {
             path: config.store_path.clone(),
             conns: Mutex::new(Vec::new()),
@@ -129,6 +198,7 @@ impl Core {
             config,
             metrics,
             writer: tx,
+            verifier,
             readers,
             events: ev_rx,
             writer_alive: alive,
@@ -186,13 +256,42 @@ impl Core {
             .ok_or_else(|| ApiError::UnknownProvider(signal.provider.clone()))?;
         *provider_idx = Some(idx);
         let provider = &self.config.providers[idx];
-        let key = provider
+        let key_idx = provider
             .keys
             .iter()
-            .find(|k| k.key_id() == signal.key_id)
+            .position(|k| k.key_id() == signal.key_id)
             .ok_or_else(|| ApiError::UnknownKey(signal.key_id.clone()))?;
-        key.verify_with(&signal, &mut scratch)
-            .map_err(ApiError::from_signal)?;
+        let key = &provider.keys[key_idx];
+        match &self.verifier {
+            None => key
+                .verify_with(&signal, &mut scratch)
+                .map_err(ApiError::from_signal)?,
+            Some(verifier) => {
+                let sig = key
+                    .prepare(&signal, &mut scratch)
+                    .map_err(ApiError::from_signal)?;
+                let (reply, answer) = oneshot::channel();
+                let check = Check {
+                    provider: idx,
+                    key: key_idx,
+                    sig,
+                    message: std::mem::take(&mut scratch),
+                    reply,
+                };
+                let ok = match verifier.try_send(check) {
+                    Ok(()) => answer
+                        .await
+                        .map_err(|_| ApiError::Unavailable("signature verifier stopped".into()))?,
+                    // Queue full or verifier gone: check it here.
+                    Err(TrySendError::Full(c) | TrySendError::Disconnected(c)) => {
+                        key.verifies(&c.sig, &c.message)
+                    }
+                };
+                if !ok {
+                    return Err(ApiError::from_signal(SignalError::BadSignature));
+                }
+            }
+        }
         let incoming = Incoming {
             digest: digest(&body),
             operation: signal.operation,

@@ -7,9 +7,11 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
-use curve25519_dalek::edwards::VartimeEdwardsPrecomputation;
+use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint, VartimeEdwardsPrecomputation};
 use curve25519_dalek::scalar::Scalar;
-use curve25519_dalek::traits::VartimePrecomputedMultiscalarMul;
+use curve25519_dalek::traits::{
+    IsIdentity, VartimeMultiscalarMul, VartimePrecomputedMultiscalarMul,
+};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256, Sha512};
@@ -305,6 +307,18 @@ impl SignalVerifier {
 
     /// Same contract as [`Signal::verify`]; `scratch` is reused for the signed bytes.
     pub fn verify_with(&self, s: &Signal, scratch: &mut Vec<u8>) -> Result<(), SignalError> {
+        let raw = self.prepare(s, scratch)?;
+        if self.verifies(&raw, scratch) {
+            Ok(())
+        } else {
+            Err(SignalError::BadSignature)
+        }
+    }
+
+    /// The checks of [`SignalVerifier::verify_with`] before the signature itself (operation
+    /// formula, key id, signature encoding); writes the signed bytes into `scratch` and returns
+    /// the raw signature for [`SignalVerifier::verifies`] or [`verify_batch`].
+    pub fn prepare(&self, s: &Signal, scratch: &mut Vec<u8>) -> Result<[u8; 64], SignalError> {
         if s.operation != operation_hex(&s.request_id, &s.request_repr) {
             return Err(SignalError::Operation);
         }
@@ -313,15 +327,12 @@ impl SignalVerifier {
         }
         let raw = decode_signature(&s.sig).ok_or(SignalError::SignatureEncoding)?;
         s.write_canonical(false, scratch);
-        if self.verifies(&raw, scratch) {
-            Ok(())
-        } else {
-            Err(SignalError::BadSignature)
-        }
+        Ok(raw)
     }
 
+    /// `verify_strict` of `sig` over `message` (see the type).
     #[allow(non_snake_case)]
-    fn verifies(&self, sig: &[u8; 64], message: &[u8]) -> bool {
+    pub fn verifies(&self, sig: &[u8; 64], message: &[u8]) -> bool {
         let (R, s) = sig.split_at(32);
         let Ok(s) = <[u8; 32]>::try_from(s) else {
             return false;
@@ -333,14 +344,87 @@ impl SignalVerifier {
         if self.weak {
             return false;
         }
-        let mut h = Sha512::new();
-        h.update(R);
-        h.update(self.key.as_bytes());
-        h.update(message);
-        let k = Scalar::from_bytes_mod_order_wide(&h.finalize().into());
+        let k = challenge(R, &self.key, message);
         let expected = self.tables.vartime_multiscalar_mul([s, k]);
         !expected.is_small_order() && expected.compress().as_bytes()[..] == *R
     }
+}
+
+/// `k = H(R || A || M)` of an ed25519 signature.
+fn challenge(r: &[u8], a: &VerifyingKey, message: &[u8]) -> Scalar {
+    let mut h = Sha512::new();
+    h.update(r);
+    h.update(a.as_bytes());
+    h.update(message);
+    Scalar::from_bytes_mod_order_wide(&h.finalize().into())
+}
+
+/// True when a 32-byte point encoding has its `y` reduced (below 2^255 - 19).
+fn canonical_y(bytes: &[u8; 32]) -> bool {
+    !(bytes[31] & 0x7f == 0x7f && bytes[1..31].iter().all(|&b| b == 0xff) && bytes[0] >= 0xed)
+}
+
+/// Batch verification of `(key, signature, signed bytes)` triples, for the association's opt-in
+/// `"signature_check": "batch"`. It is **not** `verify_strict`'s contract, and it is meant as a
+/// filter: on `false`, check each signature with [`SignalVerifier::verifies`] to find the bad
+/// ones.
+///
+/// Each signature gets the same per-signature checks as `verify_strict`: `s` reduced, `R` a
+/// canonical encoding that decodes, neither `R` nor `A` of small order. Then one equation
+/// `sum z_i ([s_i]B - [k_i]A_i - R_i) = 0` is checked, with independent random 128-bit `z_i`
+/// drawn from `rng`. A forged or altered signature passes with probability about 2^-128.
+///
+/// The difference from `verify_strict`: `R_i` may carry a small torsion component that a
+/// random `z_i` happens to cancel. That holds with probability up to 1/2 per attempt, and only
+/// for a signature made by the holder of the key on purpose (a torsion point added to its
+/// nonce point). Such a signal is authentic, but `verify_strict` (the offline `verify`) rejects
+/// it.
+pub fn verify_batch<R: rand::RngCore + rand::CryptoRng>(
+    items: &[(&SignalVerifier, &[u8; 64], &[u8])],
+    rng: &mut R,
+) -> bool {
+    let mut scalars = Vec::with_capacity(items.len() + 3);
+    let mut points = Vec::with_capacity(items.len() + 3);
+    let mut at_b = Scalar::ZERO;
+    let mut per_key: Vec<(&SignalVerifier, Scalar)> = Vec::new();
+    for (v, sig, message) in items {
+        let (Ok(r_bytes), Ok(s_bytes)) = (
+            <[u8; 32]>::try_from(&sig[..32]),
+            <[u8; 32]>::try_from(&sig[32..]),
+        ) else {
+            return false;
+        };
+        let Some(s) = Option::<Scalar>::from(Scalar::from_canonical_bytes(s_bytes)) else {
+            return false;
+        };
+        if v.weak || !canonical_y(&r_bytes) {
+            return false;
+        }
+        let Some(r) = CompressedEdwardsY(r_bytes).decompress() else {
+            return false;
+        };
+        if r.is_small_order() {
+            return false;
+        }
+        let mut wide = [0u8; 32];
+        rng.fill_bytes(&mut wide[..16]);
+        let z = Scalar::from_bytes_mod_order(wide);
+        let k = challenge(&r_bytes, &v.key, message);
+        at_b += z * s;
+        match per_key.iter_mut().find(|(k2, _)| std::ptr::eq(*k2, *v)) {
+            Some((_, sum)) => *sum += z * k,
+            None => per_key.push((v, z * k)),
+        }
+        scalars.push(-z);
+        points.push(r);
+    }
+    scalars.push(at_b);
+    points.push(ED25519_BASEPOINT_POINT);
+    for (v, sum) in per_key {
+        scalars.push(-sum);
+        points.push(v.key.to_edwards());
+    }
+    EdwardsPoint::vartime_multiscalar_mul(&scalars, &points).is_identity()
 }
 
 /// DESIGN §6 linkage: hex sha256 over, for each (provider, stage) in sorted order,
@@ -638,11 +722,69 @@ mod tests {
 
         /// `k = H(R || A || M)` for `s` under the key bytes `a`.
         fn challenge(s: &Signal, big_r: &CompressedEdwardsY, a: &[u8; 32]) -> Scalar {
-            let mut h = Sha512::new();
-            h.update(big_r.as_bytes());
-            h.update(a);
-            h.update(s.signing_bytes());
-            Scalar::from_bytes_mod_order_wide(&h.finalize().into())
+            let a = VerifyingKey::from_bytes(a).unwrap_or_else(|e| panic!("{e}"));
+            super::super::challenge(big_r.as_bytes(), &a, &s.signing_bytes())
+        }
+
+        /// (verifier, raw signature, signed bytes) of `s`.
+        fn triple(v: &SignalVerifier, s: &Signal) -> ([u8; 64], Vec<u8>) {
+            let mut msg = Vec::new();
+            let raw = v.prepare(s, &mut msg).unwrap_or_else(|e| panic!("{e}"));
+            (raw, msg)
+        }
+
+        #[test]
+        fn a_batch_passes_only_when_every_signature_verifies() {
+            let (ka, kb) = (key(11), key(12));
+            let (va, vb) = (
+                SignalVerifier::new(ka.verifying_key()),
+                SignalVerifier::new(kb.verifying_key()),
+            );
+            let mut signals: Vec<(&SignalVerifier, Signal)> = (0..40)
+                .map(|i| {
+                    let (v, k) = if i % 3 == 0 { (&va, &ka) } else { (&vb, &kb) };
+                    let s =
+                        Signal::signed(&format!("r{i}"), "sha256=00", "p", Stage::Start, "b", k);
+                    (v, s)
+                })
+                .collect();
+            let check = |signals: &[(&SignalVerifier, Signal)]| {
+                let owned: Vec<_> = signals.iter().map(|(v, s)| (*v, triple(v, s))).collect();
+                let items: Vec<_> = owned.iter().map(|(v, (r, m))| (*v, r, &m[..])).collect();
+                verify_batch(&items, &mut rand::thread_rng())
+            };
+            assert!(check(&signals));
+            assert!(check(&signals[..1]));
+            assert!(check(&[]));
+            // One signature over other bytes, one with s + l, one under the other key: refused.
+            let mut bad = signals.clone();
+            bad[7].1.sig = signals[8].1.sig.clone();
+            assert!(!check(&bad));
+            let mut bad = signals.clone();
+            let sk = if std::ptr::eq(bad[5].0, &va) {
+                &ka
+            } else {
+                &kb
+            };
+            crafted(&mut bad[5].1, sk, 99, 0, true);
+            assert!(!check(&bad));
+            let mut bad = signals.clone();
+            bad[4].0 = if std::ptr::eq(bad[4].0, &va) {
+                &vb
+            } else {
+                &va
+            };
+            bad[4].1.key_id = bad[4].0.key_id().to_string();
+            assert!(!check(&bad));
+            // A small-order R and a non-canonical encoding of R: refused.
+            let mut bad = signals.clone();
+            crafted(&mut bad[2].1, &ka, 0, 1, false);
+            assert!(!check(&bad));
+            let mut raw = decode_signature(&signals[3].1.sig).unwrap_or([0; 64]);
+            raw[..32].copy_from_slice(&[0xff; 32]);
+            raw[31] = 0x7f;
+            signals[3].1.sig = URL_SAFE_NO_PAD.encode(raw);
+            assert!(!check(&signals));
         }
 
         fn set_sig(s: &mut Signal, big_r: &CompressedEdwardsY, sig_s: &Scalar) {

@@ -321,6 +321,50 @@ async fn a_thousand_concurrent_identical_signals_make_one_record() {
 }
 
 /// Collects `n` events; panics on a duplicate id or when they do not arrive in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_signature_check_refuses_exactly_the_bad_signals() {
+    let (ka, kb, kx) = (key(1), key(2), key(9));
+    let dir = TempDir::new("assoc-batch");
+    let mut c = config(
+        &[("p-a", &[&ka]), ("p-b", &[&kb])],
+        json!({"default": {"quorum": 1}}),
+    );
+    c["signature_check"] = json!("batch");
+    let a = AssociationProc::start(&dir, c).await;
+    // Good and forged signals interleaved and sent at once, so batches mix them.
+    let mut good = HashSet::new();
+    let mut tasks = Vec::new();
+    for i in 0..160 {
+        let (p, k) = if i % 2 == 0 {
+            ("p-a", &ka)
+        } else {
+            ("p-b", &kb)
+        };
+        let mut s = signal(&format!("r-{i}"), p, Stage::Start, "b0", k);
+        let forged = i % 8 == 3;
+        if forged {
+            resign(&mut s, &kx);
+        } else {
+            good.insert(s.to_bytes());
+        }
+        let (addr, body) = (a.addr.clone(), s.to_bytes());
+        tasks.push(tokio::spawn(async move {
+            let (st, v) = post(&addr, &body, None).await;
+            (forged, st, v["error"].as_str().map(str::to_string))
+        }));
+    }
+    for t in tasks {
+        let (forged, st, err) = t.await.unwrap_or((false, 0, None));
+        if forged {
+            assert_eq!((st, err.as_deref()), (422, Some("bad_signature")));
+        } else {
+            assert_eq!(st, 201, "{err:?}");
+        }
+    }
+    assert_eq!(count(&a.store_path, "signals"), 140);
+    assert_eq!(stored_bytes(&a.store_path), good);
+}
+
 async fn collect(s: &mut EventStream, n: usize) -> Vec<(i64, Value)> {
     let mut out: Vec<(i64, Value)> = Vec::new();
     while out.len() < n {

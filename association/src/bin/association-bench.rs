@@ -41,6 +41,9 @@ enum Cmd {
         providers: usize,
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// `strict` or `batch` (the service's `signature_check`).
+        #[arg(long, default_value = "strict")]
+        signature_check: String,
     },
     /// Drive signed signals and report the rate.
     Run {
@@ -67,7 +70,14 @@ fn provider_id(i: usize) -> String {
     format!("bench-{i}")
 }
 
-fn config(listen: &str, admin: &str, store: &str, n: usize, threads: usize) -> String {
+fn config(
+    listen: &str,
+    admin: &str,
+    store: &str,
+    n: usize,
+    threads: usize,
+    signature_check: &str,
+) -> String {
     let mut providers = serde_json::Map::new();
     for i in 0..n {
         let mut pk = String::new();
@@ -84,6 +94,7 @@ fn config(listen: &str, admin: &str, store: &str, n: usize, threads: usize) -> S
         "admin_listen": admin,
         "store": {"path": store},
         "threads": threads,
+        "signature_check": signature_check,
         "providers": providers,
         "policy": {"default": {"all_of": all}},
         "limits": {"queue": 65536, "max_batch": 8192}
@@ -216,8 +227,17 @@ fn main() -> ExitCode {
             store,
             providers,
             threads,
+            signature_check,
         } => {
-            println!("{}", config(&listen, &admin, &store, providers, threads));
+            let c = config(
+                &listen,
+                &admin,
+                &store,
+                providers,
+                threads,
+                &signature_check,
+            );
+            println!("{c}");
             ExitCode::SUCCESS
         }
         Cmd::Run {
