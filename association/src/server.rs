@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use crate::api::{Admin, Api};
-use crate::config::Config;
+use crate::config::{Config, SignatureCheck};
 use crate::core::Core;
 use crate::error::AssociationError;
 use crate::metrics::Metrics;
@@ -26,6 +26,11 @@ pub fn describe(c: &Config, out: &mut impl Write) -> std::io::Result<()> {
         let ids: Vec<&str> = p.keys.iter().map(|k| k.key_id()).collect();
         writeln!(out, "provider {} keys [{}]", p.id, ids.join(","))?;
     }
+    let check = match c.signature_check {
+        SignatureCheck::Strict => "strict",
+        SignatureCheck::Batch => "batch",
+    };
+    writeln!(out, "signature check {check}")?;
     writeln!(out, "policy default {}", c.policies.default.to_json())?;
     let mut routes: Vec<_> = c.policies.routes.iter().collect();
     routes.sort_by(|a, b| a.0.cmp(b.0));
