@@ -331,23 +331,27 @@ impl SignalVerifier {
     }
 
     /// `verify_strict` of `sig` over `message` (see the type).
-    #[allow(non_snake_case)]
     pub fn verifies(&self, sig: &[u8; 64], message: &[u8]) -> bool {
-        let (R, s) = sig.split_at(32);
-        let Ok(s) = <[u8; 32]>::try_from(s) else {
-            return false;
-        };
-        // `s` must be reduced (`verify_strict` refuses a non-canonical scalar).
-        let Some(s) = Option::<Scalar>::from(Scalar::from_canonical_bytes(s)) else {
+        let Some((r, s)) = split_signature(sig) else {
             return false;
         };
         if self.weak {
             return false;
         }
-        let k = challenge(R, &self.key, message);
+        let k = challenge(&r, &self.key, message);
         let expected = self.tables.vartime_multiscalar_mul([s, k]);
-        !expected.is_small_order() && expected.compress().as_bytes()[..] == *R
+        !expected.is_small_order() && *expected.compress().as_bytes() == r
     }
+}
+
+/// The `R` bytes and the scalar `s` of a signature; `None` unless `s` is reduced
+/// (`verify_strict` refuses a non-canonical scalar).
+fn split_signature(sig: &[u8; 64]) -> Option<([u8; 32], Scalar)> {
+    let mut r = [0u8; 32];
+    let mut s = [0u8; 32];
+    r.copy_from_slice(&sig[..32]);
+    s.copy_from_slice(&sig[32..]);
+    Option::from(Scalar::from_canonical_bytes(s)).map(|s| (r, s))
 }
 
 /// `k = H(R || A || M)` of an ed25519 signature.
@@ -388,13 +392,7 @@ pub fn verify_batch<R: rand::RngCore + rand::CryptoRng>(
     let mut at_b = Scalar::ZERO;
     let mut per_key: Vec<(&SignalVerifier, Scalar)> = Vec::new();
     for (v, sig, message) in items {
-        let (Ok(r_bytes), Ok(s_bytes)) = (
-            <[u8; 32]>::try_from(&sig[..32]),
-            <[u8; 32]>::try_from(&sig[32..]),
-        ) else {
-            return false;
-        };
-        let Some(s) = Option::<Scalar>::from(Scalar::from_canonical_bytes(s_bytes)) else {
+        let Some((r_bytes, s)) = split_signature(sig) else {
             return false;
         };
         if v.weak || !canonical_y(&r_bytes) {
