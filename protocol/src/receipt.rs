@@ -134,15 +134,19 @@ pub struct ReceiptBody {
     pub verdict: Verdict,
 }
 
+/// An integer magnitude RFC 8785 writes exactly (within ±(2^53 - 1)).
+fn safe_integer(n: u64) -> bool {
+    n <= MAX_SAFE_INTEGER
+}
+
 /// See [`ReceiptBody::to_bytes`]: ASCII keys in sorted iteration order, safe integers only.
 fn value_is_plain_canonical(v: &serde_json::Value) -> bool {
     use serde_json::Value;
     match v {
         Value::Null | Value::Bool(_) | Value::String(_) => true,
         Value::Number(n) => {
-            n.as_u64().is_some_and(|u| u <= MAX_SAFE_INTEGER)
-                || n.as_i64()
-                    .is_some_and(|i| i.unsigned_abs() <= MAX_SAFE_INTEGER)
+            n.as_u64().is_some_and(safe_integer)
+                || n.as_i64().is_some_and(|i| safe_integer(i.unsigned_abs()))
         }
         Value::Array(a) => a.iter().all(value_is_plain_canonical),
         Value::Object(m) => {
@@ -178,18 +182,17 @@ impl ReceiptBody {
     }
 
     fn plain_json_is_canonical(&self) -> bool {
-        let safe = |n: u64| n <= MAX_SAFE_INTEGER;
-        safe(self.delegation.max_amount)
-            && safe(self.scores.total_bp)
+        safe_integer(self.delegation.max_amount)
+            && safe_integer(self.scores.total_bp)
             && self
                 .scores
                 .dimensions
                 .iter()
-                .all(|(k, n)| k.is_ascii() && safe(*n))
+                .all(|(k, n)| k.is_ascii() && safe_integer(*n))
             && self
                 .effect
                 .as_ref()
-                .is_none_or(|e| safe(e.delta.unsigned_abs()))
+                .is_none_or(|e| safe_integer(e.delta.unsigned_abs()))
             && value_is_plain_canonical(&self.intent)
     }
 
@@ -407,20 +410,25 @@ mod tests {
                     .prop_map(serde_json::Value::from),
                 any::<String>().prop_map(serde_json::Value::from),
             ];
-            leaf.prop_recursive(3, 24, 5, |inner| {
+            let key = prop_oneof![
+                "[a-z_]{1,6}",
+                any::<String>(),
+                "[\u{e000}-\u{e0ff}\u{10000}-\u{10100}]{1,2}"
+            ];
+            nested(leaf.boxed(), key.boxed())
+        }
+
+        /// Arrays and objects (keys from `key`) over `leaf`, up to 3 levels deep.
+        fn nested(
+            leaf: BoxedStrategy<serde_json::Value>,
+            key: BoxedStrategy<String>,
+        ) -> impl Strategy<Value = serde_json::Value> {
+            leaf.prop_recursive(3, 24, 5, move |inner| {
                 prop_oneof![
                     proptest::collection::vec(inner.clone(), 0..5)
                         .prop_map(serde_json::Value::from),
-                    proptest::collection::btree_map(
-                        prop_oneof![
-                            "[a-z_]{1,6}",
-                            any::<String>(),
-                            "[\u{e000}-\u{e0ff}\u{10000}-\u{10100}]{1,2}"
-                        ],
-                        inner,
-                        0..5
-                    )
-                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                    proptest::collection::btree_map(key.clone(), inner, 0..5)
+                        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
                 ]
             })
         }
@@ -434,14 +442,7 @@ mod tests {
                     .prop_map(serde_json::Value::from),
                 any::<String>().prop_map(serde_json::Value::from),
             ];
-            leaf.prop_recursive(3, 24, 5, |inner| {
-                prop_oneof![
-                    proptest::collection::vec(inner.clone(), 0..5)
-                        .prop_map(serde_json::Value::from),
-                    proptest::collection::btree_map("[ -~]{0,6}", inner, 0..5)
-                        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
-                ]
-            })
+            nested(leaf.boxed(), "[ -~]{0,6}".boxed())
         }
 
         proptest! {
