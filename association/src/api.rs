@@ -319,12 +319,7 @@ impl Admin {
         if self.api_listening.load(Ordering::Relaxed) {
             return true;
         }
-        // Bounded: a full accept queue drops SYNs and connect would retry for minutes.
-        let connect = tokio::net::TcpStream::connect(self.api_probe);
-        let up = matches!(
-            tokio::time::timeout(std::time::Duration::from_secs(1), connect).await,
-            Ok(Ok(_))
-        );
+        let up = multihub_protocol::net::accepts(self.api_probe).await;
         if up {
             self.api_listening.store(true, Ordering::Relaxed);
         }

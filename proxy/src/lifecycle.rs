@@ -41,15 +41,7 @@ impl BackgroundService for Lifecycle {
                 _ = tick.tick() => {
                     if !e.listening.load(Ordering::SeqCst) {
                         let up = match probe {
-                            // Bounded: with a full accept queue connect would retry for minutes.
-                            Some(a) => matches!(
-                                tokio::time::timeout(
-                                    Duration::from_secs(1),
-                                    tokio::net::TcpStream::connect(a)
-                                )
-                                .await,
-                                Ok(Ok(_))
-                            ),
+                            Some(a) => multihub_protocol::net::accepts(a).await,
                             None => true,
                         };
                         if up {
