@@ -1,17 +1,17 @@
-//! Pingora glue: the public API listener and the admin listener, each an
-//! [`HttpServerApp`] so that `GET /events` can stream.
+//! The public API listener and the admin listener: Pingora `ServerApp`s (Pingora owns the
+//! listeners, graceful shutdown and upgrades) serving HTTP/1.1 through the lean
+//! [`multihub_protocol::http1::Conn`]: one read and one write buffer per connection, heads
+//! parsed in place, every answer in one write. Pingora's per-request HTTP session machinery cost
+//! more CPU per signal than the signature check.
 //!
-//! `process_new_http` runs once per request on a connection: it reads the head, dispatches,
-//! writes the whole answer (or streams events until the client leaves or shutdown), and returns
-//! the connection for reuse only when the request body was fully read and the answer complete.
+//! Each connection runs one loop: read a head, dispatch, write the whole answer (or stream
+//! events until the client leaves or shutdown), and go on while the connection stays reusable.
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use http::Method;
-use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
-use pingora_core::protocols::http::ServerSession;
+use multihub_protocol::http1::{BodyError, Conn, Limits, Next};
+use pingora_core::apps::ServerApp;
+use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
-use pingora_http::ResponseHeader;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,66 +19,29 @@ use crate::core::Core;
 use crate::error::ApiError;
 use crate::metrics::Endpoint;
 
-const JSON: &str = "application/json";
+const JSON: &[u8] = b"application/json";
+/// A connection of either listener.
+type Http = Conn<Stream>;
 
 /// Writes a complete answer; false when the client went away.
-async fn respond(session: &mut ServerSession, status: u16, ctype: &str, body: Vec<u8>) -> bool {
-    let Ok(mut h) = ResponseHeader::build(status, Some(3)) else {
-        return false;
-    };
-    let len = body.len();
-    if h.insert_header("content-type", ctype).is_err()
-        || h.insert_header("content-length", len).is_err()
-        || h.insert_header("cache-control", "no-store").is_err()
-    {
-        return false;
-    }
-    if session.write_response_header(Box::new(h)).await.is_err() {
-        return false;
-    }
-    session
-        .write_response_body(Bytes::from(body), true)
-        .await
-        .is_ok()
+async fn respond(c: &mut Http, status: u16, ctype: &[u8], body: &[u8]) -> bool {
+    c.respond(
+        status,
+        &[("content-type", ctype), ("cache-control", b"no-store")],
+        body,
+    )
+    .await
 }
 
-async fn respond_err(session: &mut ServerSession, e: &ApiError) -> bool {
+async fn respond_err(c: &mut Http, e: &ApiError) -> bool {
     let (status, _) = e.status_kind();
-    respond(session, status, JSON, e.body()).await
+    respond(c, status, JSON, &e.body()).await
 }
 
-async fn finish(session: ServerSession) -> Option<ReusedHttpStream> {
-    let settings = HttpPersistentSettings::for_session(&session);
-    match session.finish().await {
-        Ok(c) => c.map(|s| ReusedHttpStream::from_reusable_stream(s, settings)),
-        Err(_) => None,
-    }
-}
-
-/// Reads the request body up to `cap` bytes. `Err(TooLarge)` as soon as it exceeds the cap
-/// (declared length checked first); the connection is then not reused.
-async fn read_body(session: &mut ServerSession, cap: usize) -> Result<Bytes, ApiError> {
-    if let Some(n) = session
-        .get_header("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<usize>().ok())
-    {
-        if n > cap {
-            return Err(ApiError::TooLarge(cap));
-        }
-    }
-    let mut buf = bytes::BytesMut::new();
-    loop {
-        match session.read_request_body().await {
-            Ok(Some(chunk)) => {
-                if buf.len() + chunk.len() > cap {
-                    return Err(ApiError::TooLarge(cap));
-                }
-                buf.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(buf.freeze()),
-            Err(e) => return Err(ApiError::Malformed(format!("reading the body: {e}"))),
-        }
+async fn answer(c: &mut Http, r: Result<Vec<u8>, ApiError>) -> bool {
+    match r {
+        Ok(body) => respond(c, 200, JSON, &body).await,
+        Err(e) => respond_err(c, &e).await,
     }
 }
 
@@ -89,110 +52,117 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     })
 }
 
+/// Serves requests on one connection with `handle` until it closes. `handle` answers one
+/// request and returns false when the connection must not carry another.
+macro_rules! serve {
+    ($io:expr, $shutdown:expr, |$c:ident, $req:ident| $handle:expr) => {{
+        let mut $c = Conn::new($io, Limits::default(), $shutdown.clone());
+        loop {
+            let $req = match $c.next_request().await {
+                Next::Request(r) => r,
+                Next::Refused(r) => {
+                    respond_err(&mut $c, &ApiError::Http(r.status, r.detail)).await;
+                    break;
+                }
+                Next::Closed => break,
+            };
+            if !$handle || !$c.keep_alive() {
+                break;
+            }
+        }
+        None
+    }};
+}
+
 /// The public API listener.
 pub struct Api {
     pub core: Arc<Core>,
 }
 
 #[async_trait]
-impl HttpServerApp for Api {
-    async fn process_new_http(
-        self: &Arc<Self>,
-        mut session: ServerSession,
+impl ServerApp for Api {
+    async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        serve!(io, shutdown, |c, req| self
+            .handle(&mut c, &req, shutdown)
+            .await)
+    }
+}
+
+impl Api {
+    /// Answers one request; false when the connection must close.
+    async fn handle(
+        &self,
+        c: &mut Http,
+        req: &multihub_protocol::http1::Request,
         shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        match session.read_request().await {
-            Ok(true) => {}
-            _ => return None,
-        }
+    ) -> bool {
         let started = Instant::now();
-        if *shutdown.borrow() {
-            session.set_keepalive(None);
-        } else {
-            session.set_keepalive(Some(60));
-        }
-        let method = session.req_header().method.clone();
-        let path = session.req_header().uri.path().to_string();
-        let query = session.req_header().uri.query().map(str::to_string);
-        let (endpoint, ok) = match (method, path.as_str()) {
-            (Method::POST, "/signals") => (Endpoint::Signals, self.post_signal(&mut session).await),
-            (Method::GET, "/confirmations") => {
-                let after = query_param(query.as_deref(), "after").unwrap_or("0");
-                let limit = query_param(query.as_deref(), "limit").unwrap_or("100");
+        let (endpoint, ok) = match (req.method(), req.path()) {
+            ("POST", "/signals") => (Endpoint::Signals, self.post_signal(c, req).await),
+            ("GET", "/confirmations") => {
+                let after = query_param(req.query(), "after").unwrap_or("0");
+                let limit = query_param(req.query(), "limit").unwrap_or("100");
                 let r = match (after.parse::<i64>(), limit.parse::<usize>()) {
                     (Ok(a), Ok(l)) if a >= 0 => self.core.confirmations(a, l).await,
                     _ => Err(ApiError::BadRequest(
                         "after and limit must be non-negative integers".into(),
                     )),
                 };
-                (Endpoint::Confirmations, answer(&mut session, r).await)
+                (Endpoint::Confirmations, answer(c, r).await)
             }
-            (Method::GET, "/events") => {
+            ("GET", "/events") => {
                 // An event stream (or its refusal) never returns its connection. The result
                 // only says whether the stream ended cleanly.
-                let _clean = self.events(&mut session, query.as_deref(), shutdown).await;
+                let _clean = self.events(c, req, shutdown).await;
                 self.core
                     .metrics
                     .request(Endpoint::Events, started.elapsed().as_secs_f64());
-                return None;
+                return false;
             }
-            (Method::GET, p) if p.starts_with("/operations/") => {
+            ("GET", p) if p.starts_with("/operations/") => {
                 let op = &p["/operations/".len()..];
                 let r = self.core.operation(op).await;
-                (Endpoint::Operations, answer(&mut session, r).await)
+                (Endpoint::Operations, answer(c, r).await)
             }
             (_, "/signals" | "/confirmations" | "/events") => (
                 Endpoint::Other,
-                respond_err(&mut session, &ApiError::MethodNotAllowed).await,
+                respond_err(c, &ApiError::MethodNotAllowed).await,
             ),
             _ => (
                 Endpoint::Other,
-                respond_err(&mut session, &ApiError::NotFound("no such endpoint".into())).await,
+                respond_err(c, &ApiError::NotFound("no such endpoint".into())).await,
             ),
         };
         self.core
             .metrics
             .request(endpoint, started.elapsed().as_secs_f64());
-        if !ok {
-            return None;
-        }
-        finish(session).await
+        ok
     }
-}
 
-async fn answer(session: &mut ServerSession, r: Result<Vec<u8>, ApiError>) -> bool {
-    match r {
-        Ok(body) => respond(session, 200, JSON, body).await,
-        Err(e) => respond_err(session, &e).await,
-    }
-}
-
-impl Api {
-    async fn post_signal(&self, session: &mut ServerSession) -> bool {
+    async fn post_signal(&self, c: &mut Http, req: &multihub_protocol::http1::Request) -> bool {
         let cap = self.core.config.limits.max_body_bytes;
-        let body = match read_body(session, cap).await {
+        let body = match c.read_body(req, cap).await {
             Ok(b) => b,
             Err(e) => {
-                // The rest of the body is unread: never reuse this connection.
-                session.set_keepalive(None);
+                let e = match e {
+                    BodyError::TooLarge(n) => ApiError::TooLarge(n),
+                    BodyError::Bad(d) => ApiError::Malformed(format!("reading the body: {d}")),
+                };
                 self.core.metrics.signal(None, None, e.signal_result());
-                return respond_err(session, &e).await;
+                return respond_err(c, &e).await;
             }
         };
-        let route = session
-            .get_header("x-hub-route")
-            .map(|v| v.to_str().map(str::to_string));
-        let route = match route {
-            Some(Ok(r)) => Some(r),
-            Some(Err(_)) => {
+        let route = match req.header("x-hub-route").map(std::str::from_utf8) {
+            Some(Ok(r)) if r.bytes().all(|b| (b' '..=b'~').contains(&b) || b == b'\t') => Some(r),
+            Some(_) => {
                 let e = ApiError::BadRequest("x-hub-route is not visible ASCII".into());
-                return respond_err(session, &e).await;
+                return respond_err(c, &e).await;
             }
             None => None,
         };
-        match self.core.submit(body, route.as_deref()).await {
-            Ok(a) => respond(session, a.status, JSON, a.body).await,
-            Err(e) => respond_err(session, &e).await,
+        match self.core.submit(body, route).await {
+            Ok(a) => respond(c, a.status, JSON, &a.body).await,
+            Err(e) => respond_err(c, &e).await,
         }
     }
 
@@ -202,54 +172,40 @@ impl Api {
     /// write failed.
     async fn events(
         &self,
-        session: &mut ServerSession,
-        query: Option<&str>,
+        c: &mut Http,
+        req: &multihub_protocol::http1::Request,
         shutdown: &ShutdownWatch,
     ) -> bool {
-        let resume = session
-            .get_header("last-event-id")
-            .and_then(|v| v.to_str().ok())
+        let resume = req
+            .header("last-event-id")
+            .and_then(|v| std::str::from_utf8(v).ok())
             .map(|s| s.trim().to_string())
-            .or_else(|| query_param(query, "after").map(str::to_string))
+            .or_else(|| query_param(req.query(), "after").map(str::to_string))
             .unwrap_or_else(|| "0".into());
         let Ok(mut last) = resume.parse::<i64>() else {
             let e = ApiError::BadRequest("Last-Event-ID must be a confirmation seq".into());
-            return respond_err(session, &e).await;
+            return respond_err(c, &e).await;
         };
         let Ok(_permit) = self.core.sse_clients.clone().try_acquire_owned() else {
             let e = ApiError::Unavailable("too many event-stream clients".into());
-            return respond_err(session, &e).await;
+            return respond_err(c, &e).await;
         };
-        session.set_keepalive(None);
-        let Ok(mut h) = ResponseHeader::build(200, Some(4)) else {
-            return false;
-        };
-        if h.insert_header("content-type", "text/event-stream")
-            .is_err()
-            || h.insert_header("cache-control", "no-store").is_err()
-            || h.insert_header("transfer-encoding", "chunked").is_err()
-        {
-            return false;
-        }
-        if session.write_response_header(Box::new(h)).await.is_err() {
+        let headers: [(&str, &[u8]); 2] = [
+            ("content-type", b"text/event-stream"),
+            ("cache-control", b"no-store"),
+        ];
+        // Open the stream at once so clients know they are subscribed.
+        if !c.start_stream(200, &headers).await || !c.stream(b": subscribed\n\n").await {
             return false;
         }
         let mut events = self.core.events.clone();
         let mut shutdown = shutdown.clone();
         let keepalive = Duration::from_millis(self.core.config.limits.sse_keepalive_ms);
         let page = self.core.config.limits.page_limit;
-        // Open the stream at once so clients know they are subscribed.
-        if session
-            .write_response_body(Bytes::from_static(b": subscribed\n\n"), false)
-            .await
-            .is_err()
-        {
-            return false;
-        }
+        let mut out = Vec::new();
         loop {
             if *shutdown.borrow() {
-                let _ = session.write_response_body(Bytes::new(), true).await;
-                return true;
+                return c.end_stream().await;
             }
             // Mark the current value seen *before* reading, so a commit after the read wakes us.
             events.borrow_and_update();
@@ -259,20 +215,16 @@ impl Api {
             };
             let full = batch.len() == page;
             if !batch.is_empty() {
-                let mut out = Vec::with_capacity(batch.len() * 400);
-                for c in &batch {
+                out.clear();
+                for e in &batch {
                     out.extend_from_slice(b"id: ");
-                    out.extend_from_slice(c.seq.to_string().as_bytes());
+                    out.extend_from_slice(e.seq.to_string().as_bytes());
                     out.extend_from_slice(b"\nevent: confirmation\ndata: ");
-                    let _ = serde_json::to_writer(&mut out, c);
+                    let _ = serde_json::to_writer(&mut out, e);
                     out.extend_from_slice(b"\n\n");
-                    last = c.seq;
+                    last = e.seq;
                 }
-                if session
-                    .write_response_body(Bytes::from(out), false)
-                    .await
-                    .is_err()
-                {
+                if !c.stream(&out).await {
                     return false;
                 }
             }
@@ -283,11 +235,7 @@ impl Api {
                 r = events.changed() => { if r.is_err() { return false; } }
                 _ = shutdown.changed() => {}
                 _ = tokio::time::sleep(keepalive) => {
-                    if session
-                        .write_response_body(Bytes::from_static(b": keep-alive\n\n"), false)
-                        .await
-                        .is_err()
-                    {
+                    if !c.stream(b": keep-alive\n\n").await {
                         return false;
                     }
                 }
@@ -325,55 +273,38 @@ impl Admin {
         }
         up
     }
-}
 
-#[async_trait]
-impl HttpServerApp for Admin {
-    async fn process_new_http(
-        self: &Arc<Self>,
-        mut session: ServerSession,
-        _shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        match session.read_request().await {
-            Ok(true) => {}
-            _ => return None,
-        }
-        session.set_keepalive(Some(60));
-        let ok = match (
-            session.req_header().method == Method::GET,
-            session.req_header().uri.path(),
-        ) {
+    /// Answers one request; false when the connection must close.
+    async fn handle(&self, c: &mut Http, req: &multihub_protocol::http1::Request) -> bool {
+        match (req.method() == "GET", req.path()) {
             (true, "/metrics") => {
                 let body = self.core.metrics.render();
-                respond(
-                    &mut session,
-                    200,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    body,
-                )
-                .await
+                respond(c, 200, b"text/plain; version=0.0.4; charset=utf-8", &body).await
             }
-            (true, "/healthz") => respond(&mut session, 200, JSON, b"{\"ok\":true}".to_vec()).await,
+            (true, "/healthz") => respond(c, 200, JSON, b"{\"ok\":true}").await,
             (true, "/readyz") => {
                 if !self.core.ready() {
                     let e = ApiError::Unavailable("store writer is not running".into());
-                    respond_err(&mut session, &e).await
+                    respond_err(c, &e).await
                 } else if !self.api_up().await {
                     let e = ApiError::Unavailable("API listener is not accepting yet".into());
-                    respond_err(&mut session, &e).await
+                    respond_err(c, &e).await
                 } else {
-                    respond(&mut session, 200, JSON, b"{\"ready\":true}".to_vec()).await
+                    respond(c, 200, JSON, b"{\"ready\":true}").await
                 }
             }
             (false, "/metrics" | "/healthz" | "/readyz") => {
-                respond_err(&mut session, &ApiError::MethodNotAllowed).await
+                respond_err(c, &ApiError::MethodNotAllowed).await
             }
-            _ => respond_err(&mut session, &ApiError::NotFound("no such endpoint".into())).await,
-        };
-        if !ok {
-            return None;
+            _ => respond_err(c, &ApiError::NotFound("no such endpoint".into())).await,
         }
-        finish(session).await
+    }
+}
+
+#[async_trait]
+impl ServerApp for Admin {
+    async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        serve!(io, shutdown, |c, req| self.handle(&mut c, &req).await)
     }
 }
 

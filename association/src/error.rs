@@ -34,6 +34,9 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("{0}")]
     Unavailable(String),
+    /// A request head the HTTP layer cannot serve (400, 417 or 431).
+    #[error("{1}")]
+    Http(u16, String),
 }
 
 impl ApiError {
@@ -52,6 +55,9 @@ impl ApiError {
             ApiError::NotFound(_) => (404, "not_found"),
             ApiError::MethodNotAllowed => (405, "method_not_allowed"),
             ApiError::Unavailable(_) => (503, "unavailable"),
+            ApiError::Http(431, _) => (431, "header_too_large"),
+            ApiError::Http(417, _) => (417, "expectation_failed"),
+            ApiError::Http(_, _) => (400, "bad_request"),
         }
     }
 
@@ -67,9 +73,10 @@ impl ApiError {
         match self {
             ApiError::UnknownProvider(_) => SignalResult::UnknownProvider,
             ApiError::UnknownKey(_) => SignalResult::UnknownKey,
-            ApiError::Malformed(_) | ApiError::NonCanonical | ApiError::BadRequest(_) => {
-                SignalResult::Malformed
-            }
+            ApiError::Malformed(_)
+            | ApiError::NonCanonical
+            | ApiError::BadRequest(_)
+            | ApiError::Http(_, _) => SignalResult::Malformed,
             ApiError::BadOperation => SignalResult::BadOperation,
             ApiError::BadSignature => SignalResult::BadSignature,
             ApiError::TooLarge(_) => SignalResult::TooLarge,
@@ -107,5 +114,10 @@ mod tests {
         assert_eq!(v["detail"], "unknown provider \"p-z\"");
         assert_eq!(ApiError::BadSignature.status_kind().0, 422);
         assert_eq!(ApiError::Conflict(String::new()).status_kind().0, 409);
+        assert_eq!(
+            ApiError::Http(431, String::new()).status_kind(),
+            (431, "header_too_large")
+        );
+        assert_eq!(ApiError::Http(499, String::new()).status_kind().0, 400);
     }
 }
