@@ -320,6 +320,112 @@ async fn a_thousand_concurrent_identical_signals_make_one_record() {
     assert_eq!(count(&a.store_path, "signals"), 2);
 }
 
+/// The API's HTTP/1.1 layer (`protocol::http1`) against the real binary: pipelined requests,
+/// chunked bodies, `Expect: 100-continue`, keep-alive after a 404, and JSON refusals that close
+/// the connection for ambiguous framing and oversized heads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_speaks_http1_framing() {
+    let ka = key(1);
+    let dir = TempDir::new("assoc-http1");
+    let a = AssociationProc::start(
+        &dir,
+        config(&[("p-a", &[&ka])], json!({"default": {"quorum": 1}})),
+    )
+    .await;
+    let bytes: Vec<Vec<u8>> = (0..4)
+        .map(|i| signal(&format!("h-{i}"), "p-a", Stage::Start, "b", &ka).to_bytes())
+        .collect();
+    let post = |body: &[u8]| {
+        let mut m = format!(
+            "POST /signals HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        m.extend_from_slice(body);
+        m
+    };
+    let mut c = Conn::open(&a.addr).await.unwrap_or_else(|e| panic!("{e}"));
+    // Two requests in one write: two answers, in order.
+    let mut two = post(&bytes[0]);
+    two.extend_from_slice(&post(&bytes[1]));
+    c.write(&two).await.unwrap_or_else(|e| panic!("{e}"));
+    for _ in 0..2 {
+        let r = c.read_response().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        assert!(r.header("date").is_some_and(|d| d.ends_with(" GMT")));
+    }
+    // A chunked body, split mid-signal.
+    let (x, y) = bytes[2].split_at(100);
+    let mut chunked =
+        b"POST /signals HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for part in [x, y] {
+        chunked.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        chunked.extend_from_slice(part);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    c.write(&chunked).await.unwrap_or_else(|e| panic!("{e}"));
+    let r = c.read_response().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    // Expect: 100-continue gets its 100 before the body is sent.
+    let head = format!(
+        "POST /signals HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        bytes[3].len()
+    );
+    c.write(head.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let line = tokio::time::timeout(Duration::from_secs(10), c.read_line())
+        .await
+        .unwrap_or_else(|_| panic!("no 100 Continue"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(line, "HTTP/1.1 100 Continue\r\n");
+    assert_eq!(c.read_line().await.unwrap_or_default(), "\r\n");
+    c.write(&bytes[3]).await.unwrap_or_else(|e| panic!("{e}"));
+    let r = c.read_response().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    // A 404 keeps the connection.
+    let r = c
+        .request("GET", "/nowhere", &[], b"")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (404, Some("not_found"))
+    );
+    let r = c
+        .request("GET", "/confirmations?after=0", &[], b"")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status, 200);
+    assert!(r.json()["confirmations"].is_array(), "{:?}", r.json());
+    assert_eq!(
+        stored_bytes(&a.store_path),
+        bytes.iter().cloned().collect::<HashSet<_>>()
+    );
+
+    // Ambiguous framing and oversized heads: a JSON refusal, then the connection closes.
+    let mut long = b"GET /confirmations HTTP/1.1\r\nx-long: ".to_vec();
+    long.resize(70 * 1024, b'a');
+    let refused: [(&[u8], u16, &str); 2] = [
+        (
+            b"POST /signals HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            400,
+            "bad_request",
+        ),
+        (&long, 431, "header_too_large"),
+    ];
+    for (raw, status, kind) in refused {
+        let mut c = Conn::open(&a.addr).await.unwrap_or_else(|e| panic!("{e}"));
+        c.write(raw).await.unwrap_or_else(|e| panic!("{e}"));
+        let r = c.read_response().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r.status, r.json()["error"].as_str()), (status, Some(kind)));
+        assert_eq!(r.header("connection"), Some("close"));
+        assert!(c.is_closed().await);
+    }
+    assert_eq!(count(&a.store_path, "signals"), 4);
+}
+
 /// Collects `n` events; panics on a duplicate id or when they do not arrive in time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_signature_check_refuses_exactly_the_bad_signals() {
