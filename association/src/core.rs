@@ -18,7 +18,9 @@ use crate::config::{valid_route, Config, SignatureCheck};
 use crate::error::ApiError;
 use crate::metrics::{Metrics, SignalResult};
 use crate::policy::{digest, OpSignals};
-use crate::store::{Applied, Confirmation, Incoming, SignalStore, SqliteStore, StoreError};
+use crate::store::{
+    Applied, Checkpointer, Confirmation, Incoming, SignalStore, SqliteStore, StoreError,
+};
 
 /// One signal waiting for the writer.
 struct Job {
@@ -135,14 +137,25 @@ pub struct Core {
     pub events: watch::Receiver<i64>,
     writer_alive: Arc<AtomicBool>,
     pub sse_clients: Arc<Semaphore>,
+    /// SQLite WAL checkpoints off the writer's path (stopped when the core is dropped).
+    checkpointer: Option<Checkpointer>,
 }
 
 impl Core {
     /// Opens the store, starts the writer thread and returns the core.
     pub fn start(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Core, StoreError> {
-        let mut store = SqliteStore::open(&config.store_path)?;
+        let store = SqliteStore::open(&config.store_path)?;
+        let (mut store, checkpointer) = match Checkpointer::spawn(&config.store_path) {
+            Ok(c) => (store.without_auto_checkpoint()?, Some(c)),
+            Err(e) => {
+                log::warn!("background WAL checkpointer not started ({e}); commits checkpoint");
+                (store, None)
+            }
+        };
         let last = store.last_confirmation_seq()?;
-        Ok(Self::start_with(config, metrics, Box::new(store), last))
+        let mut core = Self::start_with(config, metrics, Box::new(store), last);
+        core.checkpointer = checkpointer;
+        Ok(core)
     }
 
     /// Starts the writer over any [`SignalStore`]; `last_confirmation` seeds the event watch.
@@ -202,6 +215,7 @@ impl Core {
             readers,
             events: ev_rx,
             writer_alive: alive,
+            checkpointer: None,
         }
     }
 
