@@ -390,7 +390,12 @@ def main():
 def run_services(args):
     """Provider receipts/s and association signals/s from their own drivers (their own rows)."""
     out = []
-    for name, cmd, unit in [("provider", ["bench/provider"], "receipts/s"), ("association", ["bench/association"], "signals/s")]:
+    # The association at 512 connections (group commit needs concurrency), once with its default
+    # per-signature check and once with the opt-in batch check the issue allows.
+    jobs = [("provider", ["bench/provider"], "receipts/s"),
+            ("association", ["bench/association", "25000", "512", "2", "strict"], "signals/s"),
+            ("association_batch", ["bench/association", "25000", "512", "2", "batch"], "signals/s")]
+    for name, cmd, unit in jobs:
         if not os.path.exists(os.path.join(ROOT, cmd[0])):
             continue
         print(f"running {name} ...", file=sys.stderr)
