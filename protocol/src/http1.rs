@@ -135,6 +135,11 @@ impl Request {
             .map(|h| self.slice((h[2], h[3])))
     }
 
+    /// How many header lines the head has.
+    pub fn header_count(&self) -> usize {
+        self.headers.len()
+    }
+
     /// Every header, in order.
     pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.headers
@@ -252,13 +257,27 @@ fn lower(req: &httparse::Request<'_, '_>, base: usize) -> Result<(Request, bool)
     ))
 }
 
-/// How an answer's body is delimited.
-#[derive(Debug, Clone, Copy)]
+/// How a streamed answer's body is delimited ([`Conn::start_answer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// `content-length` is added; exactly that many bytes must follow.
+    Length(u64),
+    /// Chunked (HTTP/1.1 clients) or delimited by the close (HTTP/1.0 clients).
+    Chunked,
+    /// No body follows and no framing header is added: answers to HEAD, 204 and 304, whose
+    /// given headers may describe a body that is not sent.
+    NoBody,
+}
+
+/// How an answer's body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AnswerFraming {
-    Length(usize),
+    Length(u64),
     Chunked,
     /// HTTP/1.0 streams end with the connection.
     UntilClose,
+    /// No framing header (see [`Answer::NoBody`]).
+    Given,
 }
 
 /// What [`Conn::next_request`] found.
@@ -286,6 +305,8 @@ pub struct Conn<S> {
     body_unread: bool,
     /// A 100 Continue is owed before reading the body.
     continue_owed: bool,
+    /// Framing of the answer being streamed.
+    streaming: AnswerFraming,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -300,6 +321,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             http10: false,
             body_unread: false,
             continue_owed: false,
+            streaming: AnswerFraming::Given,
         }
     }
 
@@ -513,7 +535,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Starts an answer head in the write buffer: status line, `date`, framing and
     /// `connection` as needed, then `headers`.
-    fn head(&mut self, status: u16, headers: &[(&str, &[u8])], framing: AnswerFraming) {
+    fn head<'h>(
+        &mut self,
+        status: u16,
+        headers: impl IntoIterator<Item = (&'h str, &'h [u8])>,
+        framing: AnswerFraming,
+    ) {
         if self.body_unread {
             // The body was not read: the connection cannot carry another request.
             self.keep_alive = false;
@@ -534,11 +561,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         match framing {
             AnswerFraming::Length(n) => {
                 out.extend_from_slice(b"content-length: ");
-                push_decimal(out, n as u64);
+                push_decimal(out, n);
                 out.extend_from_slice(b"\r\n");
             }
             AnswerFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-            AnswerFraming::UntilClose => {}
+            AnswerFraming::UntilClose | AnswerFraming::Given => {}
         }
         if !self.keep_alive {
             out.extend_from_slice(b"connection: close\r\n");
@@ -556,7 +583,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Writes a whole answer in one write. False when the client went away.
     pub async fn respond(&mut self, status: u16, headers: &[(&str, &[u8])], body: &[u8]) -> bool {
-        self.head(status, headers, AnswerFraming::Length(body.len()));
+        self.head(
+            status,
+            headers.iter().copied(),
+            AnswerFraming::Length(body.len() as u64),
+        );
         let mut out = std::mem::take(&mut self.out);
         out.extend_from_slice(body);
         let ok = self.write_out(&out).await.is_ok();
@@ -564,15 +595,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         ok
     }
 
-    /// Starts a streamed (chunked) answer; HTTP/1.0 clients get the stream unframed and the
-    /// connection closes at its end. False when the client went away.
+    /// Starts a streamed (chunked) answer that ends the connection (event streams); HTTP/1.0
+    /// clients get the stream unframed. False when the client went away.
     pub async fn start_stream(&mut self, status: u16, headers: &[(&str, &[u8])]) -> bool {
         self.keep_alive = false;
-        let framing = if self.http10 {
-            AnswerFraming::UntilClose
-        } else {
-            AnswerFraming::Chunked
+        self.start_answer(status, headers.iter().copied(), Answer::Chunked)
+            .await
+    }
+
+    /// Starts an answer whose body follows in [`Conn::stream`] calls and ends with
+    /// [`Conn::end_stream`]. `headers` must not carry `content-length` or `transfer-encoding`
+    /// unless `answer` is [`Answer::NoBody`]. False when the client went away.
+    pub async fn start_answer<'h>(
+        &mut self,
+        status: u16,
+        headers: impl IntoIterator<Item = (&'h str, &'h [u8])>,
+        answer: Answer,
+    ) -> bool {
+        let framing = match answer {
+            Answer::Length(n) => AnswerFraming::Length(n),
+            Answer::NoBody => AnswerFraming::Given,
+            Answer::Chunked if self.http10 => {
+                self.keep_alive = false;
+                AnswerFraming::UntilClose
+            }
+            Answer::Chunked => AnswerFraming::Chunked,
         };
+        self.streaming = framing;
         self.head(status, headers, framing);
         let out = std::mem::take(&mut self.out);
         let ok = self.write_out(&out).await.is_ok();
@@ -585,16 +634,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         if data.is_empty() {
             return true;
         }
+        if self.streaming != AnswerFraming::Chunked {
+            return self.write_out(data).await.is_ok();
+        }
         let mut out = std::mem::take(&mut self.out);
         out.clear();
-        if !self.http10 {
-            push_hex(&mut out, data.len());
-            out.extend_from_slice(b"\r\n");
-        }
+        push_hex(&mut out, data.len());
+        out.extend_from_slice(b"\r\n");
         out.extend_from_slice(data);
-        if !self.http10 {
-            out.extend_from_slice(b"\r\n");
-        }
+        out.extend_from_slice(b"\r\n");
         let ok = self.write_out(&out).await.is_ok();
         self.out = out;
         ok
@@ -602,10 +650,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Ends a streamed answer.
     pub async fn end_stream(&mut self) -> bool {
-        if self.http10 {
-            return self.io.shutdown().await.is_ok();
+        match self.streaming {
+            AnswerFraming::Chunked => self.write_out(b"0\r\n\r\n").await.is_ok(),
+            AnswerFraming::UntilClose => self.io.shutdown().await.is_ok(),
+            AnswerFraming::Length(_) | AnswerFraming::Given => true,
         }
-        self.write_out(b"0\r\n\r\n").await.is_ok()
     }
 
     async fn write_out(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -1041,6 +1090,32 @@ mod tests {
             out.ends_with("\r\n\r\n9\r\ndata: 1\n\n\r\n0\r\n\r\n"),
             "{out}"
         );
+    }
+
+    #[tokio::test]
+    async fn streamed_answers_frame_by_length_or_pass_given_headers() {
+        let (mut c, mut client, _tx) = conn();
+        client
+            .write_all(b"GET /a HTTP/1.1\r\n\r\nHEAD /a HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let _ = request(c.next_request().await);
+        assert!(
+            c.start_answer(200, [("x-a", &b"1"[..])], Answer::Length(5))
+                .await
+        );
+        assert!(c.stream(b"hel").await && c.stream(b"lo").await && c.end_stream().await);
+        assert!(c.keep_alive());
+        let _ = request(c.next_request().await);
+        let given = [("content-length", &b"5"[..])];
+        assert!(c.start_answer(200, given, Answer::NoBody).await && c.end_stream().await);
+        let out = written(c, client).await;
+        assert!(
+            out.contains("content-length: 5\r\nx-a: 1\r\n\r\nhello"),
+            "{out}"
+        );
+        assert!(out.ends_with("\r\ncontent-length: 5\r\n\r\n"), "{out}");
+        assert_eq!(out.matches("content-length").count(), 2, "{out}");
     }
 
     #[tokio::test]

@@ -5,16 +5,17 @@ use base64::Engine as _;
 use bytes::Bytes;
 use multihub_filters::Plan;
 use multihub_protocol::headers::is_hop_by_hop;
+use multihub_protocol::headers::{HUB_ROUTE_VERSION, REQUEST_ID};
+use multihub_protocol::http1::Answer;
 use multihub_protocol::routes::{Delivery, Order};
 use pingora_error::{Error, ErrorType, Result};
-use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::Session;
+use pingora_http::RequestHeader;
 use serde::Serialize;
 use std::sync::Arc;
 
 use crate::deliver::{Failure, Fetched};
 use crate::fanout::{head_for, Job, Outcome};
-use crate::hub::{stamp, Ctx, Hub};
+use crate::hub::{stamp, Ctx, Downstream, Hub};
 use crate::metrics::DropReason;
 use crate::state::{Busy, HubTable};
 
@@ -86,7 +87,7 @@ impl Hub {
     /// `respond: accept`: 204 once delivered (`confirmed`), or at once (`async`).
     pub(crate) async fn accept(
         &self,
-        session: &mut Session,
+        session: &mut Downstream<'_>,
         ctx: &mut Ctx,
         t: &Arc<HubTable>,
         plan: &Plan,
@@ -160,7 +161,7 @@ impl Hub {
     /// other target and relay peer gets a copy in the background that never delays it.
     pub(crate) async fn proxy(
         &self,
-        session: &mut Session,
+        session: &mut Downstream<'_>,
         ctx: &mut Ctx,
         t: &Arc<HubTable>,
         plan: &Plan,
@@ -223,30 +224,61 @@ impl Hub {
             return Self::reject(session, ctx, r).await;
         };
         ctx.delivered = 1;
-        let mut resp: ResponseHeader = match up_session.resp_header() {
-            Some(h) => h.clone(),
-            None => return Error::e_explain(ErrorType::InternalError, "no response head"),
+        let body_done = up_session.is_body_done();
+        let Some(resp) = up_session.resp_header() else {
+            return Error::e_explain(ErrorType::InternalError, "no response head");
+        };
+        let status = resp.status.as_u16();
+        // How the body is framed towards the requester: re-framed by us, except for answers
+        // that carry no body, whose Content-Length passes through as given.
+        let answer = if base.method == http::Method::HEAD
+            || status == 204
+            || status == 304
+            || (100..200).contains(&status)
+        {
+            Answer::NoBody
+        } else if resp.headers.contains_key(http::header::TRANSFER_ENCODING) {
+            Answer::Chunked
+        } else {
+            match resp
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+            {
+                Some(n) => Answer::Length(n),
+                None => Answer::Chunked,
+            }
         };
         let conn: Vec<String> = multihub_filters::forward::connection_tokens(&resp.headers);
-        let hop = |k: &http::HeaderName| {
+        let keep = |k: &http::HeaderName| {
             let n = k.as_str();
-            (is_hop_by_hop(n) && n != "transfer-encoding") || conn.iter().any(|c| c == n)
+            let framing =
+                n == "transfer-encoding" || (n == "content-length" && answer != Answer::NoBody);
+            !(framing
+                || is_hop_by_hop(n)
+                || conn.iter().any(|c| c == n)
+                || n == REQUEST_ID
+                || n == HUB_ROUTE_VERSION)
         };
-        if resp.headers.keys().any(hop) {
-            let drop: Vec<http::HeaderName> =
-                resp.headers.keys().filter(|k| hop(k)).cloned().collect();
-            for k in drop {
-                resp.remove_header(&k);
-            }
+        ctx.status = status;
+        let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(resp.headers.len() + 2);
+        headers.extend(
+            resp.headers
+                .iter()
+                .filter(|(k, _)| keep(k))
+                .map(|(k, v)| (k.as_str(), v.as_bytes())),
+        );
+        stamp(&mut headers, ctx);
+        if !session.conn.start_answer(status, headers, answer).await {
+            return Error::e_explain(ErrorType::WriteError, "downstream went away");
         }
-        stamp(&mut resp, ctx)?;
-        ctx.status = resp.status.as_u16();
-        if up_session.is_body_done() {
-            session.write_response_header(Box::new(resp), true).await?;
-            self.engine.deliverer.release(up_session, peer).await;
+        if body_done || answer == Answer::NoBody {
+            if body_done {
+                self.engine.deliverer.release(up_session, peer).await;
+            }
             return Ok(());
         }
-        session.write_response_header(Box::new(resp), false).await?;
         loop {
             let chunk = match pingora_timeout::timeout(up.timeout, up_session.read_body_bytes())
                 .await
@@ -255,12 +287,17 @@ impl Hub {
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Error::e_explain(ErrorType::ReadTimedout, "primary body stalled"),
             };
-            match chunk {
-                Some(c) => session.write_response_body(Some(c), false).await?,
+            let ok = match chunk {
+                Some(c) => session.conn.stream(&c).await,
                 None => {
-                    session.write_response_body(None, true).await?;
+                    if !session.conn.end_stream().await {
+                        return Error::e_explain(ErrorType::WriteError, "downstream went away");
+                    }
                     break;
                 }
+            };
+            if !ok {
+                return Error::e_explain(ErrorType::WriteError, "downstream went away");
             }
         }
         self.engine.deliverer.release(up_session, peer).await;
@@ -322,7 +359,7 @@ impl Hub {
     /// `respond: collect`: every target's and relay's response, verbatim, in one JSON answer.
     pub(crate) async fn collect(
         &self,
-        session: &mut Session,
+        session: &mut Downstream<'_>,
         ctx: &mut Ctx,
         t: &Arc<HubTable>,
         plan: &Plan,

@@ -9,12 +9,11 @@ use multihub_protocol::headers::{HUB_PATH, OUTCOMES_PATH, PROVIDER_ID, REQUEST_I
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::Result;
 use pingora_http::RequestHeader;
-use pingora_proxy::Session;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::deliver::retrying;
-use crate::hub::{Ctx, Hub};
+use crate::hub::{Ctx, Downstream, Hub};
 use crate::state::{Busy, Engine, HubTable};
 
 /// Timeout of one outcome delivery attempt.
@@ -51,7 +50,7 @@ impl Hub {
     /// Validates, queues (bounded) and answers 202; delivery continues in the background.
     pub(crate) async fn relay_outcome(
         &self,
-        session: &mut Session,
+        session: &mut Downstream<'_>,
         ctx: &mut Ctx,
         t: &Arc<HubTable>,
     ) -> Result<()> {

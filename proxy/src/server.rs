@@ -114,7 +114,7 @@ pub fn run(opts: &RunOpts, routes: &Path, loaded: Loaded) -> Result<(), HubError
     server.bootstrap();
 
     let hub = Hub::new(tables.clone(), engine.clone(), access_log.clone());
-    let mut svc = pingora_proxy::http_proxy_service(&server.configuration, hub);
+    let mut svc = Service::new("multihub proxy".to_string(), hub);
     svc.threads = Some(opts.threads);
     svc.add_tcp(&opts.listen);
     server.add_service(svc);

@@ -97,6 +97,7 @@ impl Recorder {
                     while let Ok(Some(m)) = read_message(&mut r, true).await {
                         let mut parts = m.start.split(' ');
                         let method = parts.next().unwrap_or("").to_string();
+                        let head_only = method == "HEAD";
                         let path = parts.next().unwrap_or("").to_string();
                         s.log
                             .lock()
@@ -147,8 +148,9 @@ impl Recorder {
                             "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n",
                             body.len()
                         );
+                        // A HEAD answer describes the body without sending it.
                         if w.write_all(head.as_bytes()).await.is_err()
-                            || w.write_all(&body).await.is_err()
+                            || (!head_only && w.write_all(&body).await.is_err())
                         {
                             return;
                         }

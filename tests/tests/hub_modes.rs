@@ -88,6 +88,42 @@ async fn proxy_streams_the_primary_chunk_by_chunk() {
     );
 }
 
+/// A Content-Length answer passes with its length; a HEAD answer keeps the upstream's
+/// Content-Length without a body; the requester's connection stays usable after both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_keeps_lengths_and_head_answers_intact() {
+    let primary = Recorder::start(Behaviour::Body(200, b"hello".to_vec())).await;
+    let (hub, _d) = start(&[("p", primary.url())], json!([{ "id": "px", "match": { "path_prefix": "/" }, "targets": ["p"], "respond": "proxy" }])).await;
+    let mut c = Conn::open(&hub.addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = c
+        .request("POST", "/a", &[], b"x")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", hub.logs()));
+    assert_eq!((r.status, r.body()), (200, &b"hello"[..]));
+    assert_eq!(r.header("content-length"), Some("5"));
+    assert_eq!(r.header("transfer-encoding"), None);
+    c.write(b"HEAD /a HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let head = c.read_head().await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(head.start.contains(" 200 "), "{head:?}");
+    assert_eq!(head.header("content-length"), Some("5"));
+    // No body followed: the next answer on this connection is the next request's.
+    let r = c
+        .request("POST", "/b", &[], b"y")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", hub.logs()));
+    assert_eq!((r.status, r.body()), (200, &b"hello"[..]));
+    let methods: Vec<String> = primary
+        .requests()
+        .iter()
+        .map(|r| r.method.clone())
+        .collect();
+    assert_eq!(methods, ["POST", "HEAD", "POST"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_copies_never_delay_the_primary_or_its_keep_alive() {
     let primary = Recorder::start(Behaviour::Body(201, b"from-primary".to_vec())).await;
