@@ -1,20 +1,25 @@
 //! Delivering one buffered request to one upstream over pooled HTTP/1.1 connections.
 //!
+//! Pingora's `TransportConnector` keeps the pool (connect, reuse, idle timeout); the exchange
+//! itself is [`multihub_protocol::http1::client::Exchange`] (head and body in one write, the
+//! response head parsed in place, the body read without copies) rather than Pingora's client
+//! session, which builds header maps and per-exchange state for every delivery.
+//!
 //! A delivery is: take a pooled connection (or connect), send the head and the body, read the
 //! complete response (draining its body), and give the connection back to the pool only after a
 //! clean, complete exchange. A reused connection that fails before any response byte is retried
 //! once on a fresh connection (the upstream closed an idle keep-alive connection).
 
 use bytes::Bytes;
+use multihub_protocol::http1::client::{Exchange, ExchangeError, ResponseHead};
 use pingora_core::connectors::{ConnectorOptions, TransportConnector};
-use pingora_core::protocols::http::v1::client::{http_req_header_to_wire, HttpSession};
+use pingora_core::protocols::http::v1::client::http_req_header_to_wire;
 use pingora_core::protocols::Stream;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_http::RequestHeader;
 use std::fmt;
 use std::future::Future;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 
 /// Why a delivery did not end in a 2xx.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,10 +117,8 @@ pub struct Deliverer {
     transport: TransportConnector,
 }
 
-enum ExchangeError {
-    /// Failed before any response byte: the request may be retried on a fresh connection.
-    BeforeResponse(String),
-}
+/// An exchange positioned at its response body.
+pub type Started = (Exchange<Stream>, ResponseHead);
 
 /// A complete response captured for `collect`.
 #[derive(Debug, Clone)]
@@ -135,17 +138,12 @@ impl Deliverer {
         }
     }
 
-    /// Sends the request and reads the response head. The returned session is positioned at
+    /// Sends the request and reads the response head. The returned exchange is positioned at
     /// the response body; hand it back with [`Deliverer::release`] once the body is fully read.
     /// `head` builds the request head (called again only for a retry). A pooled connection that
     /// fails before any response byte is retried once on a fresh one (safe: the request was not
     /// answered, and providers deduplicate by request id).
-    pub async fn start<F>(
-        &self,
-        peer: &HttpPeer,
-        head: &F,
-        body: &[u8],
-    ) -> Result<HttpSession, Failure>
+    pub async fn start<F>(&self, peer: &HttpPeer, head: &F, body: &[u8]) -> Result<Started, Failure>
     where
         F: Fn() -> pingora_error::Result<RequestHeader>,
     {
@@ -155,7 +153,7 @@ impl Deliverer {
             .get_stream(peer)
             .await
             .map_err(|e| Failure::Refused(e.to_string()))?;
-        match Self::send(stream, peer, Box::new(head().map_err(broken)?), body).await {
+        match Self::send(stream, &head().map_err(broken)?, body).await {
             Ok(s) => Ok(s),
             Err(ExchangeError::BeforeResponse(_)) if reused => {
                 let stream = self
@@ -163,49 +161,37 @@ impl Deliverer {
                     .new_stream(peer)
                     .await
                     .map_err(|e| Failure::Refused(e.to_string()))?;
-                Self::send(stream, peer, Box::new(head().map_err(broken)?), body)
+                Self::send(stream, &head().map_err(broken)?, body)
                     .await
-                    .map_err(|ExchangeError::BeforeResponse(e)| Failure::Broken(e))
+                    .map_err(
+                        |(ExchangeError::BeforeResponse(e) | ExchangeError::Broken(e))| {
+                            Failure::Broken(e)
+                        },
+                    )
             }
-            Err(ExchangeError::BeforeResponse(e)) => Err(Failure::Broken(e)),
+            Err(ExchangeError::BeforeResponse(e) | ExchangeError::Broken(e)) => {
+                Err(Failure::Broken(e))
+            }
         }
     }
 
+    /// Head and body in one write, then the response head.
     async fn send(
-        mut stream: Stream,
-        peer: &HttpPeer,
-        req: Box<RequestHeader>,
+        stream: Stream,
+        req: &RequestHeader,
         body: &[u8],
-    ) -> Result<HttpSession, ExchangeError> {
-        let before = |e: pingora_error::BError| ExchangeError::BeforeResponse(e.to_string());
-        if req.method == http::Method::HEAD {
-            // The session must know about HEAD to read a response without a body.
-            let mut s = HttpSession::new_with_options(stream, peer);
-            s.write_request_header(req).await.map_err(before)?;
-            s.finish_body().await.map_err(before)?;
-            s.read_response().await.map_err(before)?;
-            return Ok(s);
-        }
-        // Head and body in one write: Pingora's client flushes the head on its own, which costs a
-        // second send (and on loopback a second trip through the receiver's stack) per delivery.
-        // Our heads never ask for an upgrade or `Connection: close`, which is all the session
-        // needs the written request for besides HEAD.
-        let mut wire = http_req_header_to_wire(&req).ok_or_else(|| {
+    ) -> Result<Started, ExchangeError> {
+        let mut wire = http_req_header_to_wire(req).ok_or_else(|| {
             ExchangeError::BeforeResponse("request head cannot be encoded".into())
         })?;
         wire.extend_from_slice(body);
-        let io = |e: std::io::Error| ExchangeError::BeforeResponse(e.to_string());
-        stream.write_all(&wire).await.map_err(io)?;
-        stream.flush().await.map_err(io)?;
-        let mut s = HttpSession::new_with_options(stream, peer);
-        s.read_response().await.map_err(before)?;
-        Ok(s)
+        Exchange::send(stream, &wire, req.method == http::Method::HEAD).await
     }
 
-    /// Returns a session whose response was read completely to the pool (if keep-alive allows).
-    pub async fn release(&self, mut s: HttpSession, peer: &HttpPeer) {
-        s.respect_keepalive();
-        if let Some(stream) = s.reuse().await {
+    /// Returns the connection of an exchange whose response was read completely to the pool
+    /// (if the upstream keeps it alive).
+    pub fn release(&self, ex: Exchange<Stream>, peer: &HttpPeer) {
+        if let Some(stream) = ex.into_reusable() {
             self.transport
                 .release_stream(stream, peer.reuse_hash(), Some(IDLE_TIMEOUT));
         }
@@ -223,17 +209,18 @@ impl Deliverer {
         F: Fn() -> pingora_error::Result<RequestHeader>,
     {
         let status = pingora_timeout::timeout(timeout, async {
-            let mut s = self.start(peer, head, body).await?;
-            let status = s.get_status().map(|c| c.as_u16()).unwrap_or(0);
+            let (mut ex, resp) = self.start(peer, head, body).await?;
             loop {
-                match s.read_body_bytes().await {
+                match ex.piece().await {
                     Ok(Some(_)) => {}
                     Ok(None) => break,
-                    Err(e) => return Err(Failure::Broken(e.to_string())),
+                    Err(ExchangeError::BeforeResponse(e) | ExchangeError::Broken(e)) => {
+                        return Err(Failure::Broken(e))
+                    }
                 }
             }
-            self.release(s, peer).await;
-            Ok(status)
+            self.release(ex, peer);
+            Ok(resp.status())
         })
         .await
         .map_err(|_| Failure::Timeout)??;
@@ -257,25 +244,20 @@ impl Deliverer {
         F: Fn() -> pingora_error::Result<RequestHeader>,
     {
         pingora_timeout::timeout(timeout, async {
-            let mut s = self.start(peer, head, body).await?;
-            let status = s.get_status().map(|c| c.as_u16()).unwrap_or(0);
-            let headers = s
-                .resp_header()
-                .map(|h| {
-                    h.headers
-                        .iter()
-                        .map(|(k, v)| {
-                            (
-                                k.as_str().to_string(),
-                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                            )
-                        })
-                        .collect()
+            let (mut ex, resp) = self.start(peer, head, body).await?;
+            let status = resp.status();
+            let headers = resp
+                .headers()
+                .map(|(k, v)| {
+                    (
+                        String::from_utf8_lossy(k).to_ascii_lowercase(),
+                        String::from_utf8_lossy(v).into_owned(),
+                    )
                 })
-                .unwrap_or_default();
+                .collect();
             let mut buf = bytes::BytesMut::new();
             loop {
-                match s.read_body_bytes().await {
+                match ex.piece().await {
                     Ok(Some(chunk)) => {
                         if buf.len() + chunk.len() > max_body {
                             return Ok(Fetched {
@@ -287,10 +269,12 @@ impl Deliverer {
                         buf.extend_from_slice(&chunk);
                     }
                     Ok(None) => break,
-                    Err(e) => return Err(Failure::Broken(e.to_string())),
+                    Err(ExchangeError::BeforeResponse(e) | ExchangeError::Broken(e)) => {
+                        return Err(Failure::Broken(e))
+                    }
                 }
             }
-            self.release(s, peer).await;
+            self.release(ex, peer);
             Ok(Fetched {
                 status,
                 headers,

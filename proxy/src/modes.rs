@@ -4,7 +4,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bytes::Bytes;
 use multihub_filters::Plan;
-use multihub_protocol::headers::is_hop_by_hop;
+use multihub_protocol::headers::HOP_BY_HOP;
 use multihub_protocol::headers::{HUB_ROUTE_VERSION, REQUEST_ID};
 use multihub_protocol::http1::Answer;
 use multihub_protocol::routes::{Delivery, Order};
@@ -213,7 +213,7 @@ impl Hub {
                 Err(_) => last = Failure::Timeout,
             }
         }
-        let Some(mut up_session) = started else {
+        let Some((mut up_session, resp)) = started else {
             t.mark(primary, !last.unreachable());
             ctx.failed = 1;
             let r = multihub_filters::Reject::new(
@@ -224,11 +224,7 @@ impl Hub {
             return Self::reject(session, ctx, r).await;
         };
         ctx.delivered = 1;
-        let body_done = up_session.is_body_done();
-        let Some(resp) = up_session.resp_header() else {
-            return Error::e_explain(ErrorType::InternalError, "no response head");
-        };
-        let status = resp.status.as_u16();
+        let status = resp.status();
         // How the body is framed towards the requester: re-framed by us, except for answers
         // that carry no body, whose Content-Length passes through as given.
         let answer = if base.method == http::Method::HEAD
@@ -237,57 +233,59 @@ impl Hub {
             || (100..200).contains(&status)
         {
             Answer::NoBody
-        } else if resp.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        } else if resp.is_chunked() {
             Answer::Chunked
         } else {
             match resp
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
+                .header("content-length")
+                .and_then(|v| std::str::from_utf8(v).ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
             {
                 Some(n) => Answer::Length(n),
                 None => Answer::Chunked,
             }
         };
-        let conn: Vec<String> = multihub_filters::forward::connection_tokens(&resp.headers);
-        let keep = |k: &http::HeaderName| {
-            let n = k.as_str();
+        // Hop-by-hop headers, those the upstream's Connection names, framing (ours now) and
+        // the hub's own stamps stay behind.
+        let named: &[u8] = resp.header("connection").unwrap_or_default();
+        let keep = |n: &str| {
+            let is = |h: &str| n.eq_ignore_ascii_case(h);
             let framing =
-                n == "transfer-encoding" || (n == "content-length" && answer != Answer::NoBody);
+                is("transfer-encoding") || (is("content-length") && answer != Answer::NoBody);
             !(framing
-                || is_hop_by_hop(n)
-                || conn.iter().any(|c| c == n)
-                || n == REQUEST_ID
-                || n == HUB_ROUTE_VERSION)
+                || HOP_BY_HOP.iter().any(|h| is(h))
+                || named
+                    .split(|b| *b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(n.as_bytes()))
+                || is(REQUEST_ID)
+                || is(HUB_ROUTE_VERSION))
         };
         ctx.status = status;
-        let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(resp.headers.len() + 2);
+        let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(resp.header_count() + 2);
         headers.extend(
-            resp.headers
-                .iter()
-                .filter(|(k, _)| keep(k))
-                .map(|(k, v)| (k.as_str(), v.as_bytes())),
+            resp.headers()
+                .filter_map(|(k, v)| Some((std::str::from_utf8(k).ok()?, v)))
+                .filter(|(k, _)| keep(k)),
         );
         stamp(&mut headers, ctx);
         if !session.conn.start_answer(status, headers, answer).await {
             return Error::e_explain(ErrorType::WriteError, "downstream went away");
         }
-        if body_done || answer == Answer::NoBody {
-            if body_done {
-                self.engine.deliverer.release(up_session, peer).await;
+        if answer == Answer::NoBody {
+            if up_session.is_done() {
+                self.engine.deliverer.release(up_session, peer);
             }
             return Ok(());
         }
         loop {
-            let chunk = match pingora_timeout::timeout(up.timeout, up_session.read_body_bytes())
-                .await
-            {
+            let piece = match pingora_timeout::timeout(up.timeout, up_session.piece()).await {
                 Ok(Ok(c)) => c,
-                Ok(Err(e)) => return Err(e),
+                Ok(Err(e)) => {
+                    return Error::e_explain(ErrorType::ReadError, format!("primary body: {e:?}"))
+                }
                 Err(_) => return Error::e_explain(ErrorType::ReadTimedout, "primary body stalled"),
             };
-            let ok = match chunk {
+            let ok = match piece {
                 Some(c) => session.conn.stream(&c).await,
                 None => {
                     if !session.conn.end_stream().await {
@@ -300,7 +298,7 @@ impl Hub {
                 return Error::e_explain(ErrorType::WriteError, "downstream went away");
             }
         }
-        self.engine.deliverer.release(up_session, peer).await;
+        self.engine.deliverer.release(up_session, peer);
         Ok(())
     }
 

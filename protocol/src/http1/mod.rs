@@ -15,17 +15,22 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
+
+mod body;
+pub mod client;
+
+use body::{fill, next_piece, Body};
 
 /// Most header lines a request head may carry.
 pub const MAX_HEADERS: usize = 64;
 /// Longest chunk-size line (with extensions) or trailer section accepted in a chunked body.
-const MAX_CHUNK_LINE: usize = 4096;
+pub(crate) const MAX_CHUNK_LINE: usize = 4096;
 /// Bodies up to this size are copied out of the read buffer rather than split off it.
 const COPY_BODY_MAX: usize = 4096;
 /// Read-buffer growth step.
-const READ_CHUNK: usize = 8192;
+pub(crate) const READ_CHUNK: usize = 8192;
 
 /// Per-connection limits.
 #[derive(Debug, Clone, Copy)]
@@ -160,13 +165,13 @@ impl Request {
     }
 }
 
-fn offsets(base: usize, s: &[u8]) -> (u16, u16) {
+pub(crate) fn offsets(base: usize, s: &[u8]) -> (u16, u16) {
     let a = (s.as_ptr() as usize).saturating_sub(base);
     (a as u16, (a + s.len()) as u16)
 }
 
 /// Tokens of a comma-separated header value, trimmed.
-fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|b| *b == b',').map(|t| t.trim_ascii())
 }
 
@@ -342,7 +347,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Reads more bytes; `Ok(0)` at the end of the stream.
     async fn fill(&mut self, wait: Duration) -> std::io::Result<usize> {
-        fill(&mut self.io, &mut self.buf, wait).await
+        fill(&mut self.io, &mut self.buf, Some(wait)).await
     }
 
     /// Waits for the next request head. A connection with nothing buffered waits at most the
@@ -410,7 +415,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 }
                 let idle = self.limits.idle_timeout;
                 tokio::select! {
-                    r = fill(&mut self.io, &mut self.buf, idle) => r,
+                    r = fill(&mut self.io, &mut self.buf, Some(idle)) => r,
                     _ = self.shutdown.changed() => return Next::Closed,
                 }
             } else {
@@ -482,55 +487,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     async fn read_chunked(&mut self, cap: usize) -> Result<Bytes, BodyError> {
-        let mut body = BytesMut::new();
-        loop {
-            let (line, size) = loop {
-                match httparse::parse_chunk_size(&self.buf) {
-                    Ok(httparse::Status::Complete(c)) => break c,
-                    Ok(httparse::Status::Partial) if self.buf.len() <= MAX_CHUNK_LINE => {
-                        self.more().await?
-                    }
-                    _ => return Err(BodyError::Bad("malformed chunk size line".into())),
-                }
+        let mut state = Body::Chunked {
+            left: 0,
+            crlf: false,
+        };
+        let mut out = BytesMut::new();
+        let wait = Some(self.limits.io_timeout);
+        while let Some(piece) = next_piece(&mut self.io, &mut self.buf, &mut state, wait)
+            .await
+            .map_err(BodyError::Bad)?
+        {
+            out.extend_from_slice(&piece);
+            let left = match state {
+                Body::Chunked { left, .. } => left,
+                _ => 0,
             };
-            if size == 0 {
-                let _ = self.buf.split_to(line);
-                self.skip_trailers().await?;
-                return Ok(body.freeze());
-            }
-            if body.len() as u64 + size > cap as u64 {
+            if out.len() as u64 + left > cap as u64 {
                 return Err(BodyError::TooLarge(cap));
             }
-            let size = size as usize;
-            while self.buf.len() < line + size + 2 {
-                self.more().await?;
-            }
-            if &self.buf[line + size..line + size + 2] != b"\r\n" {
-                return Err(BodyError::Bad("chunk data not followed by CRLF".into()));
-            }
-            body.extend_from_slice(&self.buf[line..line + size]);
-            let _ = self.buf.split_to(line + size + 2);
         }
-    }
-
-    /// Skips the trailer section after the last chunk, up to and including its empty line.
-    async fn skip_trailers(&mut self) -> Result<(), BodyError> {
-        let mut seen = 0usize;
-        loop {
-            match self.buf.iter().position(|b| *b == b'\n') {
-                Some(i) => {
-                    let line = self.buf.split_to(i + 1);
-                    seen += line.len();
-                    if line.as_ref() == b"\r\n" || line.as_ref() == b"\n" {
-                        return Ok(());
-                    }
-                }
-                None => self.more().await?,
-            }
-            if seen > MAX_CHUNK_LINE {
-                return Err(BodyError::Bad("trailer section too long".into()));
-            }
-        }
+        Ok(out.freeze())
     }
 
     /// Starts an answer head in the write buffer: status line, `date`, framing and
@@ -670,19 +646,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
-/// Reads more bytes into `buf`; `Ok(0)` at the end of the stream.
-async fn fill<S: AsyncRead + Unpin>(
-    io: &mut S,
-    buf: &mut BytesMut,
-    wait: Duration,
-) -> std::io::Result<usize> {
-    buf.reserve(READ_CHUNK);
-    match tokio::time::timeout(wait, io.read_buf(buf)).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-    }
-}
-
 fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut tmp = [0u8; 20];
     let mut i = tmp.len();
@@ -799,7 +762,7 @@ fn imf_fixdate(unix: u64) -> [u8; 29] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{duplex, DuplexStream};
+    use tokio::io::{duplex, AsyncReadExt, DuplexStream};
 
     type Client = DuplexStream;
 
