@@ -5,7 +5,8 @@
 
 pub mod hashing;
 pub mod headers;
-/// A lean HTTP/1.1 server connection (the association's API listener).
+/// Lean HTTP/1.1: the server connection of the hub's and the association's listeners, and the hub's
+/// upstream exchanges.
 pub mod http1;
 pub mod ids;
 /// Process plumbing every binary shares (kept here: this is the one crate they all depend on).

@@ -1,8 +1,10 @@
-//! The multihub hub: thin Pingora glue around `multihub-filters`.
+//! The multihub hub: thin glue around `multihub-filters` on a Pingora server.
 //!
 //! - [`cli`]: the command line of `multihub-hub`.
-//! - [`hub`]: the `ProxyHttp` implementation (request phases).
-//! - [`deliver`]: pooled upstream deliveries.
+//! - [`hub`]: the listener, a Pingora `ServerApp` speaking HTTP/1.1 through
+//!   `multihub_protocol::http1` (one request: route, read, deliver, answer, log).
+//! - [`deliver`]: pooled upstream deliveries (Pingora's connection pool,
+//!   `multihub_protocol::http1::client` exchanges).
 //! - [`state`]: the swapped table slot and the delivery engine.
 //! - [`server`]: building and running the Pingora server.
 

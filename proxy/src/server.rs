@@ -102,7 +102,6 @@ pub fn run(opts: &RunOpts, routes: &Path, loaded: Loaded) -> Result<(), HubError
         // sleep is only the backstop.
         grace_period_seconds: Some(opts.grace_period + 1),
         graceful_shutdown_timeout_seconds: Some(1),
-        upstream_keepalive_pool_size: 1024,
         upgrade_sock: opts.upgrade_sock(),
         ..ServerConf::default()
     };

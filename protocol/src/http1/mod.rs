@@ -1,8 +1,10 @@
-//! A lean HTTP/1.1 server connection for the services' hot endpoints.
+//! Lean HTTP/1.1 for the hot paths: the server side ([`Conn`], the hub's and the association's
+//! listeners) and the client side ([`client::Exchange`], the hub's upstream deliveries).
 //!
-//! Pingora's `HttpServerApp` builds a whole session object per request (header maps, digests,
-//! timers, per-exchange buffers). On the association's `POST /signals` that machinery cost more
-//! CPU than the signature check. [`Conn`] serves the same protocol with one read buffer and one
+//! Pingora's `HttpServerApp` and proxy session build a whole session object per request (header
+//! maps, digests, timers, per-exchange buffers). On the association's `POST /signals` that
+//! machinery cost more CPU than the signature check; on one thread answering from the request
+//! head it cost 19–31 µs per request against ~11 µs here. [`Conn`] serves the same protocol with one read buffer and one
 //! write buffer reused for the life of the connection: heads are parsed with `httparse` in
 //! place, bodies are split off the read buffer without copying, and every answer leaves in one
 //! write. It runs inside a Pingora `ServerApp`, so listeners, graceful shutdown and upgrades
