@@ -1,7 +1,9 @@
 //! The wire contract of `DESIGN.md` shared by the hub, the providers and the association.
 //!
-//! This crate owns names and formulas only: header names (§3), the request-id grammar, the body
-//! representation and binding hashes, and the routing-table file model (§2). It has no I/O.
+//! This crate owns the names and formulas: header names (§3), the request-id grammar, the body
+//! representation and binding hashes, and the routing-table file model (§2). Being the one
+//! crate every binary depends on, it also holds their shared plumbing: logging, listener
+//! probes (`net`) and the lean HTTP/1.1 layer (`http1`), the only modules that do I/O.
 
 pub mod hashing;
 pub mod headers;
