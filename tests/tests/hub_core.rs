@@ -411,23 +411,32 @@ async fn refusals_are_json_and_the_hub_survives_malformed_input() {
     );
     assert_eq!(up.count(), 0, "nothing oversized was delivered");
 
-    // Malformed HTTP.
-    let mut c = Conn::open(&hub.addr)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    c.write(b"THIS IS NOT HTTP\r\n\r\n")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let r = c.read_response().await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(r.status, 400);
-    let mut c = Conn::open(&hub.addr)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    c.write(b"POST /v1 HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let r = c.read_response().await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(r.status, 400);
+    // Malformed HTTP, and framing that could smuggle a request: JSON refusals, then the
+    // connection closes; nothing is delivered.
+    let mut long_head = b"POST /v1 HTTP/1.1\r\nx-long: ".to_vec();
+    long_head.resize(70 * 1024, b'a');
+    let raw: [(&[u8], u16, &str); 5] = [
+        (b"THIS IS NOT HTTP\r\n\r\n", 400, "bad_request"),
+        (b"POST /v1 HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n", 400, "bad_request"),
+        (
+            b"POST /v1 HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            400,
+            "bad_request",
+        ),
+        (b"POST /v1 HTTP/1.1\r\nHost: t\r\nExpect: 200-ok\r\nContent-Length: 0\r\n\r\n", 417, "expectation_failed"),
+        (&long_head, 431, "header_too_large"),
+    ];
+    for (bytes, status, kind) in raw {
+        let mut c = Conn::open(&hub.addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        c.write(bytes).await.unwrap_or_else(|e| panic!("{e}"));
+        let r = c.read_response().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r.status, r.json()["error"].as_str()), (status, Some(kind)));
+        assert_eq!(r.header("x-hub-route-version"), Some("v1"));
+        assert!(c.is_closed().await, "{kind}: the connection stays open");
+    }
+    assert_eq!(up.count(), 0, "nothing malformed was delivered");
 
     // Still serving, with a chunked body within the cap delivered byte for byte.
     let mut c = Conn::open(&hub.addr)
