@@ -1,9 +1,11 @@
 //! Delivering one buffered request to one upstream over pooled HTTP/1.1 connections.
 //!
-//! Pingora's `TransportConnector` keeps the pool (connect, reuse, idle timeout); the exchange
-//! itself is [`multihub_protocol::http1::client::Exchange`] (head and body in one write, the
-//! response head parsed in place, the body read without copies) rather than Pingora's client
-//! session, which builds header maps and per-exchange state for every delivery.
+//! Pingora's `TransportConnector` connects; idle connections wait in [`Pool`], a plain
+//! per-upstream stack (Pingora's own pool spawns a watcher task with a timer for every
+//! connection it takes back and checks the socket's peer on every reuse). The exchange itself
+//! is [`multihub_protocol::http1::client::Exchange`] (head and body in one write, the response
+//! head parsed in place, the body read without copies) rather than Pingora's client session,
+//! which builds header maps and per-exchange state for every delivery.
 //!
 //! A delivery is: take a pooled connection (or connect), send the head and the body, read the
 //! complete response (draining its body), and give the connection back to the pool only after a
@@ -11,15 +13,19 @@
 //! once on a fresh connection (the upstream closed an idle keep-alive connection).
 
 use bytes::Bytes;
+use futures::FutureExt as _;
 use multihub_protocol::http1::client::{Exchange, ExchangeError, ResponseHead};
 use pingora_core::connectors::{ConnectorOptions, TransportConnector};
 use pingora_core::protocols::http::v1::client::http_req_header_to_wire;
 use pingora_core::protocols::Stream;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_http::RequestHeader;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt as _;
 
 /// Why a delivery did not end in a 2xx.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,10 +117,80 @@ where
 /// How long an idle upstream connection stays in the pool (also every peer's `idle_timeout`).
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The upstream connection pool shared by every delivery of the process (across table versions:
+/// Idle upstream connections, per upstream (key: the peer's reuse hash), most recently used
+/// last. A connection is taken only if it idled less than [`IDLE_TIMEOUT`] and shows no sign
+/// of having been closed (a readiness check that costs no system call while the socket is
+/// quiet). One the upstream closed without that showing yet fails before any response byte
+/// and the delivery retries on a fresh connection. At most `cap` connections idle per
+/// upstream; beyond that the oldest is closed.
+pub struct Pool {
+    idle: Mutex<HashMap<u64, VecDeque<(Stream, Instant)>>>,
+    cap: usize,
+}
+
+impl Pool {
+    pub fn new(cap: usize) -> Pool {
+        Pool {
+            idle: Mutex::new(HashMap::new()),
+            cap,
+        }
+    }
+
+    /// A usable idle connection to the upstream `key`, if any.
+    pub fn take(&self, key: u64) -> Option<Stream> {
+        loop {
+            let (mut stream, since) = {
+                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                idle.get_mut(&key)?.pop_back()?
+            };
+            if since.elapsed() < IDLE_TIMEOUT && quiet(&mut stream) {
+                return Some(stream);
+            }
+        }
+    }
+
+    /// Keeps `stream` for the next delivery to `key`.
+    pub fn put(&self, key: u64, mut stream: Stream) {
+        if !quiet(&mut stream) {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(key).or_default();
+        // Expired connections sit at the front (oldest first).
+        while list
+            .front()
+            .is_some_and(|(_, since)| since.elapsed() >= IDLE_TIMEOUT)
+        {
+            list.pop_front();
+        }
+        if list.len() >= self.cap {
+            list.pop_front();
+        }
+        list.push_back((stream, Instant::now()));
+    }
+
+    /// How many connections idle for `key`.
+    pub fn idle(&self, key: u64) -> usize {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.get(&key).map_or(0, VecDeque::len)
+    }
+}
+
+/// True when an idle connection has nothing to read and is not closed: the upstream sends
+/// nothing unasked, so readable means closed (or broken). Costs no system call while tokio
+/// knows the socket is not readable.
+fn quiet(stream: &mut Stream) -> bool {
+    let mut b = [0u8; 1];
+    tokio::task::unconstrained(stream.read(&mut b))
+        .now_or_never()
+        .is_none()
+}
+
+/// The upstream connections shared by every delivery of the process (across table versions:
 /// the pool key is the peer's address, so connections survive reloads).
 pub struct Deliverer {
     transport: TransportConnector,
+    pool: Pool,
 }
 
 /// An exchange positioned at its response body.
@@ -135,6 +211,7 @@ impl Deliverer {
         opts.keepalive_pool_size = pool_size;
         Deliverer {
             transport: TransportConnector::new(Some(opts)),
+            pool: Pool::new(pool_size),
         }
     }
 
@@ -148,11 +225,16 @@ impl Deliverer {
         F: Fn() -> pingora_error::Result<RequestHeader>,
     {
         let broken = |e: pingora_error::BError| Failure::Broken(e.to_string());
-        let (stream, reused) = self
-            .transport
-            .get_stream(peer)
-            .await
-            .map_err(|e| Failure::Refused(e.to_string()))?;
+        let (stream, reused) = match self.pool.take(peer.reuse_hash()) {
+            Some(s) => (s, true),
+            None => (
+                self.transport
+                    .new_stream(peer)
+                    .await
+                    .map_err(|e| Failure::Refused(e.to_string()))?,
+                false,
+            ),
+        };
         match Self::send(stream, &head().map_err(broken)?, body).await {
             Ok(s) => Ok(s),
             Err(ExchangeError::BeforeResponse(_)) if reused => {
@@ -192,8 +274,7 @@ impl Deliverer {
     /// (if the upstream keeps it alive).
     pub fn release(&self, ex: Exchange<Stream>, peer: &HttpPeer) {
         if let Some(stream) = ex.into_reusable() {
-            self.transport
-                .release_stream(stream, peer.reuse_hash(), Some(IDLE_TIMEOUT));
+            self.pool.put(peer.reuse_hash(), stream);
         }
     }
 
@@ -283,5 +364,55 @@ impl Deliverer {
         })
         .await
         .map_err(|_| Failure::Timeout)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora_core::protocols::l4::stream::Stream as L4;
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn pair() -> (Stream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let c = c.unwrap_or_else(|e| panic!("{e}"));
+        let (s, _) = s.unwrap_or_else(|e| panic!("{e}"));
+        (Box::new(L4::from(c)), s)
+    }
+
+    #[tokio::test]
+    async fn the_pool_hands_back_live_connections_last_in_first_out_and_drops_closed_ones() {
+        let pool = Pool::new(2);
+        let (a, _sa) = pair().await;
+        let (b, _sb) = pair().await;
+        let (c, _sc) = pair().await;
+        let idc = c.id();
+        pool.put(7, a);
+        pool.put(7, b);
+        pool.put(7, c);
+        assert_eq!(pool.idle(7), 2, "the oldest was closed at the cap");
+        assert_eq!(pool.take(7).map(|s| s.id()), Some(idc));
+        assert!(pool.take(8).is_none());
+        drop(pool.take(7));
+        assert!(pool.take(7).is_none());
+
+        // An upstream that closed an idle connection: the pool stops handing it out.
+        let (d, sd) = pair().await;
+        pool.put(7, d);
+        drop(sd);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Some(s) = pool.take(7) {
+            assert!(
+                Instant::now() < deadline,
+                "a closed connection kept being handed out"
+            );
+            pool.put(7, s);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(pool.idle(7), 0);
     }
 }
