@@ -9,8 +9,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use super::body::{fill, next_piece, Body};
 use super::{offsets, tokens, MAX_HEADERS, READ_CHUNK};
 
-/// Largest response head accepted.
-pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Largest response head accepted (offsets into it are 16-bit).
+pub const MAX_RESPONSE_HEAD: usize = u16::MAX as usize;
 
 /// Why an exchange failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +89,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<S> {
                 let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut resp = httparse::Response::new(&mut hdrs);
                 match resp.parse(&buf) {
+                    Ok(httparse::Status::Complete(n)) if n > MAX_RESPONSE_HEAD => {
+                        return Err(ExchangeError::Broken(format!(
+                            "response head over {MAX_RESPONSE_HEAD} bytes"
+                        )))
+                    }
                     Ok(httparse::Status::Complete(n)) => {
                         let status = resp.code.unwrap_or(0);
                         if (100..200).contains(&status) && status != 101 {

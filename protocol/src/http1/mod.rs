@@ -48,7 +48,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_head_bytes: 64 * 1024,
+            max_head_bytes: 64 * 1024 - 1,
             idle_timeout: Duration::from_secs(60),
             io_timeout: Duration::from_secs(30),
         }
@@ -347,6 +347,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         self.keep_alive = false;
     }
 
+    /// Longest head accepted: the configured limit, at most what 16-bit offsets address.
+    fn max_head(&self) -> usize {
+        self.limits.max_head_bytes.min(u16::MAX as usize)
+    }
+
     /// Reads more bytes; `Ok(0)` at the end of the stream.
     async fn fill(&mut self, wait: Duration) -> std::io::Result<usize> {
         fill(&mut self.io, &mut self.buf, Some(wait)).await
@@ -363,6 +368,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut req = httparse::Request::new(&mut hdrs);
                 match req.parse(&self.buf) {
+                    Ok(httparse::Status::Complete(n)) if n > self.max_head() => {
+                        // A head that completed within one large read can still be too long
+                        // (and offsets into it are 16-bit).
+                        self.keep_alive = false;
+                        return Next::Refused(Refusal::new(
+                            431,
+                            format!("request head exceeds {} bytes", self.max_head()),
+                        ));
+                    }
                     Ok(httparse::Status::Complete(n)) => {
                         let lowered = lower(&req, self.buf.as_ptr() as usize);
                         // The head's bytes move out of the buffer without a copy; the request
@@ -384,14 +398,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                         };
                     }
                     Ok(httparse::Status::Partial) => {
-                        if self.buf.len() > self.limits.max_head_bytes {
+                        if self.buf.len() > self.max_head() {
                             self.keep_alive = false;
                             return Next::Refused(Refusal::new(
                                 431,
-                                format!(
-                                    "request head exceeds {} bytes",
-                                    self.limits.max_head_bytes
-                                ),
+                                format!("request head exceeds {} bytes", self.max_head()),
                             ));
                         }
                     }
@@ -921,6 +932,17 @@ mod tests {
         many.extend_from_slice(b"\r\n");
         client
             .write_all(&many)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(refusal(c.next_request().await).status, 431);
+
+        // Complete in one read, but longer than 16-bit offsets reach.
+        let (mut c, mut client, _tx) = conn();
+        let mut long = b"GET / HTTP/1.1\r\nx-long: ".to_vec();
+        long.resize(70_000, b'a');
+        long.extend_from_slice(b"\r\nx-after: 1\r\n\r\n");
+        client
+            .write_all(&long)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(refusal(c.next_request().await).status, 431);
