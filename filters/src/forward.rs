@@ -1,102 +1,285 @@
-//! Which requester headers are copied to upstreams, and the hub headers stamped on every copy.
+//! Which requester headers are copied to upstreams, the hub headers stamped on every copy, and
+//! the upstream request head on the wire format, built once per request.
 
-use http::{HeaderMap, HeaderName, HeaderValue};
-use multihub_protocol::headers::{self as h, is_hop_by_hop, HUB_PREFIX};
+use http::Method;
+use multihub_protocol::hashing::{binding_hex, repr_of};
+use multihub_protocol::headers::{self as h, HOP_BY_HOP, HUB_PREFIX};
+use multihub_protocol::http1::push_decimal;
 
+use crate::headers::Headers;
 use crate::plan::Plan;
-use crate::table::RoutingTable;
+use crate::table::{RoutingTable, Upstream};
 
-/// Names listed in the requester's `Connection` header (also hop-by-hop), lower case.
-pub fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+/// Names listed in the requester's `Connection` header (also hop-by-hop), as sent.
+pub fn connection_tokens<H: Headers + ?Sized>(headers: &H) -> Vec<&[u8]> {
     let mut out = Vec::new();
-    for v in headers.get_all(http::header::CONNECTION) {
-        if let Ok(s) = v.to_str() {
-            out.extend(
-                s.split(',')
-                    .map(|t| t.trim().to_ascii_lowercase())
-                    .filter(|t| !t.is_empty()),
-            );
-        }
+    for v in headers.values_of("connection") {
+        out.extend(
+            v.split(|b| *b == b',')
+                .map(<[u8]>::trim_ascii)
+                .filter(|t| !t.is_empty()),
+        );
     }
     out
 }
 
-/// True when a requester header is copied to upstreams: not hop-by-hop, not named in
-/// `Connection`, not hub-internal (`x-hub-*` is re-stamped by the hub), not `Host` or
-/// `Content-Length` (set per copy), and not `x-request-id` (stamped after validation).
-pub fn is_forwarded(name: &HeaderName, connection: &[String]) -> bool {
-    let n = name.as_str();
-    !(is_hop_by_hop(n)
-        || n.starts_with(HUB_PREFIX)
-        || n == "host"
-        || n == "content-length"
-        || n == h::REQUEST_ID
-        || connection.iter().any(|t| t == n))
+/// True when a requester header named `name` (any case) is copied to upstreams: not
+/// hop-by-hop, not named in `Connection`, not hub-internal (those are re-stamped), and not
+/// `Host`, `Content-Length` or `x-request-id` (set per copy).
+pub fn is_forwarded(name: &[u8], connection: &[&[u8]]) -> bool {
+    let is = |h: &str| name.eq_ignore_ascii_case(h.as_bytes());
+    let hub = name
+        .get(..HUB_PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(HUB_PREFIX.as_bytes()));
+    !(hub
+        || HOP_BY_HOP.iter().any(|h| is(h))
+        || is("host")
+        || is("content-length")
+        || is(h::REQUEST_ID)
+        || connection.iter().any(|t| name.eq_ignore_ascii_case(t)))
 }
 
-/// The hub headers of DESIGN §3 for one request, in a fixed order.
-pub fn hub_headers(
-    table: &RoutingTable,
-    plan: &Plan,
-    repr: HeaderValue,
-    binding: HeaderValue,
-) -> [(&'static str, HeaderValue); 10] {
-    let route = &table.routes[plan.route];
-    [
-        (h::REQUEST_ID, plan.inbound.request_id.clone()),
-        (h::HUB_ID, table.hub.id_header.clone()),
-        (h::HUB_ROUTE, route.id_header.clone()),
-        (h::HUB_ROUTE_VERSION, table.version_header.clone()),
-        (h::HUB_REQUEST_REPR, repr),
-        (h::HUB_CONTEXT, plan.inbound.context.clone()),
-        (h::HUB_BINDING, binding),
-        (h::HUB_PATH, plan.relay.path_out.clone()),
-        (h::HUB_HOPS, HeaderValue::from(plan.relay.hops_out)),
-        (h::HUB_OUTCOME_URL, table.hub.outcome_url_header.clone()),
-    ]
+/// The request head every upstream of one request gets, on the wire format: the requester's
+/// forwarded fields, the hub fields of DESIGN §3 and `content-length`, built once per request.
+/// Each upstream's head is its own request line (its base path before the request target) and
+/// `Host`, then these fields ([`Outbound::head`]).
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub method: Method,
+    /// The request target (path and query) as received.
+    target: String,
+    /// Every field after `Host`, each ending in CRLF, then the blank line.
+    fields: Vec<u8>,
+}
+
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+impl Outbound {
+    /// `target`: path and query of the request; `headers`: the requester's fields; `body`:
+    /// the whole body (hashed into `x-hub-request-repr` and `x-hub-binding`).
+    pub fn new<H: Headers + ?Sized>(
+        method: &Method,
+        target: &str,
+        headers: &H,
+        table: &RoutingTable,
+        plan: &Plan,
+        body: &[u8],
+    ) -> Outbound {
+        let conn = connection_tokens(headers);
+        let mut fields = Vec::with_capacity(768);
+        for (name, value) in headers.fields() {
+            if is_forwarded(name, &conn) {
+                field(&mut fields, name, value);
+            }
+        }
+        let repr = repr_of(body);
+        let binding = binding_hex(repr.as_str(), plan.inbound.context.as_bytes());
+        let route = &table.routes[plan.route];
+        let mut hops = Vec::with_capacity(10);
+        push_decimal(&mut hops, u64::from(plan.relay.hops_out));
+        let mut length = Vec::with_capacity(20);
+        push_decimal(&mut length, body.len() as u64);
+        for (name, value) in [
+            (h::REQUEST_ID, plan.inbound.request_id.as_bytes()),
+            (h::HUB_ID, table.hub.id_header.as_bytes()),
+            (h::HUB_ROUTE, route.id_header.as_bytes()),
+            (h::HUB_ROUTE_VERSION, table.version_header.as_bytes()),
+            (h::HUB_REQUEST_REPR, repr.as_str().as_bytes()),
+            (h::HUB_CONTEXT, plan.inbound.context.as_bytes()),
+            (h::HUB_BINDING, binding.as_bytes()),
+            (h::HUB_PATH, plan.relay.path_out.as_bytes()),
+            (h::HUB_HOPS, &hops),
+            (h::HUB_OUTCOME_URL, table.hub.outcome_url_header.as_bytes()),
+            ("content-length", &length),
+        ] {
+            field(&mut fields, name.as_bytes(), value);
+        }
+        fields.extend_from_slice(b"\r\n");
+        Outbound {
+            method: method.clone(),
+            target: target.to_owned(),
+            fields,
+        }
+    }
+
+    /// The complete head for `up`: request line (the upstream's base path, then the target),
+    /// `Host`, then the shared fields.
+    pub fn head(&self, up: &Upstream) -> Vec<u8> {
+        let method = self.method.as_str().as_bytes();
+        let base = up.url.base_path.as_bytes();
+        let host = up.host_header.as_bytes();
+        let mut out = Vec::with_capacity(
+            method.len() + base.len() + self.target.len() + host.len() + self.fields.len() + 24,
+        );
+        out.extend_from_slice(method);
+        out.push(b' ');
+        out.extend_from_slice(base);
+        out.extend_from_slice(self.target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        field(&mut out, b"host", host);
+        out.extend_from_slice(&self.fields);
+        out
+    }
+}
+
+/// A complete request head on the wire format: request line, `Host`, then `fields` (and
+/// `content-length` when given).
+pub fn wire_head(
+    method: &str,
+    path: &str,
+    host: &[u8],
+    fields: &[(&str, &[u8])],
+    content_length: Option<usize>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    field(&mut out, b"host", host);
+    for (name, value) in fields {
+        field(&mut out, name.as_bytes(), value);
+    }
+    if let Some(n) = content_length {
+        out.extend_from_slice(b"content-length: ");
+        push_decimal(&mut out, n as u64);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::{plan, RequestView};
+    use crate::table::{load_bytes, tests::sample};
+    use bytes::Bytes;
+    use multihub_protocol::http1::Request;
 
     #[test]
     fn hop_by_hop_hub_and_connection_listed_are_dropped() {
-        let mut m = HeaderMap::new();
-        m.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, X-Secret"),
-        );
-        let conn = connection_tokens(&m);
+        let conn: Vec<&[u8]> = vec![b"keep-alive", b"X-Secret"];
         for dropped in [
             "connection",
-            "keep-alive",
+            "Keep-Alive",
             "te",
             "upgrade",
             "expect",
-            "transfer-encoding",
+            "Transfer-Encoding",
             "x-hub-id",
-            "x-hub-route-version",
+            "X-Hub-Route-Version",
             "x-secret",
-            "host",
+            "Host",
             "content-length",
             "x-request-id",
         ] {
             assert!(
-                !is_forwarded(&HeaderName::from_static(dropped), &conn),
+                !is_forwarded(dropped.as_bytes(), &conn),
                 "{dropped} forwarded"
             );
         }
         for kept in [
             "content-type",
-            "authorization",
+            "Authorization",
             "x-verification-context",
             "idempotency-key",
+            "x-hu",
         ] {
-            assert!(
-                is_forwarded(&HeaderName::from_static(kept), &conn),
-                "{kept} dropped"
-            );
+            assert!(is_forwarded(kept.as_bytes(), &conn), "{kept} dropped");
         }
+    }
+
+    fn parse(head: &[u8]) -> Vec<(String, String)> {
+        let mut hdrs = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut hdrs);
+        assert!(matches!(
+            req.parse(head),
+            Ok(httparse::Status::Complete(n)) if n == head.len()
+        ));
+        let mut out = vec![(
+            req.method.unwrap_or("").to_string(),
+            req.path.unwrap_or("").to_string(),
+        )];
+        for h in req.headers.iter() {
+            out.push((
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            ));
+        }
+        out
+    }
+
+    #[test]
+    fn every_upstream_gets_its_line_and_host_then_the_same_fields() {
+        let t = load_bytes(sample().as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        let raw = Request::parse(Bytes::from_static(
+            b"POST /v1/payments/9?x=1 HTTP/1.1\r\nHost: hub\r\nContent-Type: application/json\r\n\
+              Connection: keep-alive, X-Drop\r\nX-Drop: 1\r\nX-Hub-Id: forged\r\n\
+              x-request-id: req-1\r\nContent-Length: 2\r\nx-verification-context: ctx\r\n\r\n",
+        ))
+        .unwrap_or_else(|r| panic!("{r:?}"));
+        let view = RequestView {
+            method: &Method::POST,
+            path: "/v1/payments/9",
+            host: Some("hub"),
+            headers: &raw,
+        };
+        let p = plan(&t, &view, |_| true).unwrap_or_else(|r| panic!("{r:?}"));
+        let out = Outbound::new(&Method::POST, raw.target(), &raw, &t, &p, b"{}");
+        let up = t
+            .upstream(p.targets[0])
+            .unwrap_or_else(|| panic!("no target"));
+        let fields = parse(&out.head(up));
+        let get = |n: &str| {
+            fields
+                .iter()
+                .filter(|(k, _)| k == n)
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            fields[0],
+            (
+                "POST".to_string(),
+                format!("{}/v1/payments/9?x=1", up.url.base_path)
+            )
+        );
+        assert_eq!(get("host"), vec![up.host_header.to_str().unwrap_or("")]);
+        assert_eq!(get("content-type"), vec!["application/json"]);
+        assert_eq!(get("content-length"), vec!["2"]);
+        assert_eq!(get("x-request-id"), vec!["req-1"]);
+        assert_eq!(get("x-hub-id"), vec!["hub-a"], "forged hub header replaced");
+        assert_eq!(get("x-hub-context"), vec!["ctx"]);
+        let repr = repr_of(b"{}");
+        assert_eq!(get("x-hub-request-repr"), vec![repr.as_str()]);
+        assert_eq!(
+            get("x-hub-binding"),
+            vec![binding_hex(repr.as_str(), b"ctx").as_str()]
+        );
+        assert_eq!(get("x-hub-path"), vec!["hub-a"]);
+        assert!(get("connection").is_empty() && get("x-drop").is_empty());
+        for name in [
+            "x-hub-route",
+            "x-hub-route-version",
+            "x-hub-hops",
+            "x-hub-outcome-url",
+        ] {
+            assert_eq!(get(name).len(), 1, "{name}");
+        }
+    }
+
+    #[test]
+    fn wire_heads_end_with_the_blank_line() {
+        let head = wire_head("POST", "/o", b"sink:1", &[("x-a", b"1")], Some(12));
+        assert_eq!(
+            head,
+            b"POST /o HTTP/1.1\r\nhost: sink:1\r\nx-a: 1\r\ncontent-length: 12\r\n\r\n"
+        );
     }
 }

@@ -1,10 +1,11 @@
 //! What the hub takes from a requester's headers: a validated request id, the hub path and hops
 //! it may only restrict, and the verification context bound into `x-hub-binding`.
 
-use http::{HeaderMap, HeaderValue};
+use http::HeaderValue;
 use multihub_protocol::headers::{HUB_HOPS, HUB_PATH, REQUEST_ID, VERIFICATION_CONTEXT};
 use multihub_protocol::ids::{generate_request_id, validate_hub_id, validate_request_id};
 
+use crate::headers::Headers;
 use crate::reject::Reject;
 
 /// The requester-controlled inputs, validated.
@@ -21,11 +22,11 @@ pub struct Inbound {
     pub context: HeaderValue,
 }
 
-fn single<'a>(
-    headers: &'a HeaderMap,
+fn single<'a, H: Headers + ?Sized>(
+    headers: &'a H,
     name: &'static str,
-) -> Result<Option<&'a HeaderValue>, Reject> {
-    let mut it = headers.get_all(name).iter();
+) -> Result<Option<&'a [u8]>, Reject> {
+    let mut it = headers.values_of(name);
     let first = it.next();
     if it.next().is_some() {
         return Err(Reject::new(
@@ -43,10 +44,11 @@ pub fn path_ids(path: &str) -> impl Iterator<Item = &str> {
 }
 
 /// Checks an `x-hub-path` value (ASCII, every element an id) and returns how many hubs it names.
-pub fn validate_path(v: &HeaderValue) -> Result<usize, Reject> {
-    let s = v
-        .to_str()
-        .map_err(|_| Reject::new(400, "bad_hub_path", "x-hub-path is not ASCII"))?;
+pub fn validate_path(v: &[u8]) -> Result<usize, Reject> {
+    let s = std::str::from_utf8(v)
+        .ok()
+        .filter(|s| s.is_ascii())
+        .ok_or_else(|| Reject::new(400, "bad_hub_path", "x-hub-path is not ASCII"))?;
     let mut n = 0;
     for id in path_ids(s) {
         validate_hub_id(id).map_err(|e| {
@@ -62,17 +64,20 @@ pub fn validate_path(v: &HeaderValue) -> Result<usize, Reject> {
 }
 
 /// Validates the requester-controlled headers.
-pub fn inbound(headers: &HeaderMap) -> Result<Inbound, Reject> {
+pub fn inbound<H: Headers + ?Sized>(headers: &H) -> Result<Inbound, Reject> {
     let (request_id, generated) = match single(headers, REQUEST_ID)? {
         Some(v) => {
-            validate_request_id(v.as_bytes()).map_err(|e| {
+            let bad = |e: &dyn std::fmt::Display| {
                 Reject::new(
                     400,
                     "bad_request_id",
                     format!("x-request-id {e}; expected 1-128 of [A-Za-z0-9._:-]"),
                 )
-            })?;
-            (v.clone(), false)
+            };
+            validate_request_id(v).map_err(|e| bad(&e))?;
+            // Valid ids are plain ASCII, always a valid header value.
+            let v = HeaderValue::from_bytes(v).map_err(|_| bad(&"is not a header value"))?;
+            (v, false)
         }
         None => {
             let id = generate_request_id();
@@ -96,14 +101,17 @@ pub fn inbound(headers: &HeaderMap) -> Result<Inbound, Reject> {
             if n == 0 {
                 None
             } else {
-                Some(v.clone())
+                // Validated as ASCII ids.
+                Some(HeaderValue::from_bytes(v).map_err(|_| {
+                    Reject::new(400, "bad_hub_path", "x-hub-path is not a header value")
+                })?)
             }
         }
         None => None,
     };
     let hops_in = match single(headers, HUB_HOPS)? {
         Some(v) => Some(
-            v.to_str()
+            std::str::from_utf8(v)
                 .ok()
                 .and_then(|s| s.trim().parse::<u32>().ok())
                 .ok_or_else(|| {
@@ -117,7 +125,13 @@ pub fn inbound(headers: &HeaderMap) -> Result<Inbound, Reject> {
         None => None,
     };
     let context = match single(headers, VERIFICATION_CONTEXT)? {
-        Some(v) => v.clone(),
+        Some(v) => HeaderValue::from_bytes(v).map_err(|_| {
+            Reject::new(
+                400,
+                "bad_request",
+                "x-verification-context is not a valid header value",
+            )
+        })?,
         None => HeaderValue::from_static(""),
     };
     Ok(Inbound {
@@ -132,6 +146,7 @@ pub fn inbound(headers: &HeaderMap) -> Result<Inbound, Reject> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     fn h(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut m = HeaderMap::new();

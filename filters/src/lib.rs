@@ -7,6 +7,7 @@
 //! - [`reject`]: every refusal as a status code and a JSON body.
 
 pub mod forward;
+pub mod headers;
 pub mod inbound;
 pub mod matching;
 pub mod outcome;
@@ -18,6 +19,7 @@ pub mod source;
 pub mod table;
 pub mod url;
 
+pub use headers::Headers;
 pub use plan::{plan, Plan, RequestView};
 pub use reject::Reject;
 pub use table::{

@@ -1,8 +1,8 @@
 //! Route matching: longest `path_prefix` (on a segment boundary), then methods, host, headers.
 
-use http::HeaderMap;
 use multihub_protocol::headers::RESERVED_PATH_PREFIX;
 
+use crate::headers::Headers;
 use crate::plan::RequestView;
 use crate::reject::Reject;
 use crate::table::{Route, RoutingTable};
@@ -26,15 +26,18 @@ fn host_matches(want: &str, got: Option<&str>) -> bool {
     host.eq_ignore_ascii_case(want)
 }
 
-fn headers_match(route: &Route, headers: &HeaderMap) -> bool {
+fn headers_match<H: Headers + ?Sized>(route: &Route, headers: &H) -> bool {
     route
         .headers
         .iter()
-        .all(|(name, value)| headers.get(name) == Some(value))
+        .all(|(name, value)| headers.first(name.as_str()) == Some(value.as_bytes()))
 }
 
 /// Index of the route that serves the request, or a 404 refusal.
-pub fn match_route(table: &RoutingTable, req: &RequestView<'_>) -> Result<usize, Reject> {
+pub fn match_route<H: Headers + ?Sized>(
+    table: &RoutingTable,
+    req: &RequestView<'_, H>,
+) -> Result<usize, Reject> {
     if req.path.starts_with(RESERVED_PATH_PREFIX) || req.path == "/_hub" {
         return Err(Reject::new(
             404,
@@ -73,7 +76,7 @@ pub fn match_route(table: &RoutingTable, req: &RequestView<'_>) -> Result<usize,
 mod tests {
     use super::*;
     use crate::table::{load_bytes, tests::sample};
-    use http::Method;
+    use http::{HeaderMap, Method};
 
     #[test]
     fn prefix_is_segment_aware() {

@@ -1,10 +1,11 @@
 //! Outcome relay decisions (DESIGN §4): which headers a provider's outcome must carry, and
 //! which hub comes before this one on the path. The body is never looked at.
 
-use http::{HeaderMap, HeaderValue};
+use http::HeaderValue;
 use multihub_protocol::headers::{HUB_PATH, PROVIDER_ID, REQUEST_ID};
 use multihub_protocol::ids::{validate_hub_id, validate_request_id};
 
+use crate::headers::Headers;
 use crate::inbound::{path_ids, validate_path};
 use crate::reject::Reject;
 
@@ -16,8 +17,11 @@ pub struct OutcomeHeaders {
     pub path: HeaderValue,
 }
 
-fn required<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a HeaderValue, Reject> {
-    headers.get(name).ok_or_else(|| {
+fn required<'a, H: Headers + ?Sized>(
+    headers: &'a H,
+    name: &'static str,
+) -> Result<&'a [u8], Reject> {
+    headers.first(name).ok_or_else(|| {
         Reject::new(
             400,
             "missing_header",
@@ -27,13 +31,12 @@ fn required<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a Header
 }
 
 /// Validates `x-request-id`, `x-provider-id` and `x-hub-path` of an outcome relay.
-pub fn outcome_headers(headers: &HeaderMap) -> Result<OutcomeHeaders, Reject> {
+pub fn outcome_headers<H: Headers + ?Sized>(headers: &H) -> Result<OutcomeHeaders, Reject> {
     let request_id = required(headers, REQUEST_ID)?;
-    validate_request_id(request_id.as_bytes())
+    validate_request_id(request_id)
         .map_err(|e| Reject::new(400, "bad_request_id", format!("x-request-id {e}")))?;
     let provider_id = required(headers, PROVIDER_ID)?;
-    let pid = provider_id
-        .to_str()
+    let pid = std::str::from_utf8(provider_id)
         .map_err(|_| Reject::new(400, "bad_provider_id", "x-provider-id is not ASCII"))?;
     validate_hub_id(pid)
         .map_err(|e| Reject::new(400, "bad_provider_id", format!("x-provider-id {e}")))?;
@@ -41,10 +44,14 @@ pub fn outcome_headers(headers: &HeaderMap) -> Result<OutcomeHeaders, Reject> {
     if validate_path(path)? == 0 {
         return Err(Reject::new(400, "bad_hub_path", "x-hub-path is empty"));
     }
+    // All three were validated as ASCII ids.
+    let value = |v: &[u8], kind: &'static str| {
+        HeaderValue::from_bytes(v).map_err(|_| Reject::new(400, kind, "not a header value"))
+    };
     Ok(OutcomeHeaders {
-        request_id: request_id.clone(),
-        provider_id: provider_id.clone(),
-        path: path.clone(),
+        request_id: value(request_id, "bad_request_id")?,
+        provider_id: value(provider_id, "bad_provider_id")?,
+        path: value(path, "bad_hub_path")?,
     })
 }
 
@@ -72,6 +79,7 @@ pub fn predecessor<'a>(path: &'a str, hub_id: &str) -> Predecessor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     #[test]
     fn predecessor_along_the_path() {

@@ -2,7 +2,9 @@
 //! which targets and relays, and the outbound path and hops. Owned, so the proxy can hold it
 //! across the body read.
 
-use http::{HeaderMap, Method};
+use http::Method;
+
+use crate::headers::Headers;
 
 use crate::inbound::{inbound, Inbound};
 use crate::matching::match_route;
@@ -12,14 +14,13 @@ use crate::select::select_targets;
 use crate::table::RoutingTable;
 
 /// A borrowed view of the request head: all the filters see.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestView<'a> {
+pub struct RequestView<'a, H: ?Sized> {
     pub method: &'a Method,
     /// Path without the query.
     pub path: &'a str,
     /// `Host` header (or the URI authority).
     pub host: Option<&'a str>,
-    pub headers: &'a HeaderMap,
+    pub headers: &'a H,
 }
 
 /// What the hub does with a request (upstream indices refer to the table it was planned on).
@@ -34,9 +35,9 @@ pub struct Plan {
 }
 
 /// Plans a request, or refuses it (404 no route / reserved, 400 bad headers, 508 loop).
-pub fn plan(
+pub fn plan<H: Headers + ?Sized>(
     table: &RoutingTable,
-    req: &RequestView<'_>,
+    req: &RequestView<'_, H>,
     healthy: impl Fn(usize) -> bool,
 ) -> Result<Plan, Reject> {
     let route = match_route(table, req)?;

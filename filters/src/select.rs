@@ -1,8 +1,8 @@
 //! Target selection (DESIGN §2 `select`).
 
-use http::HeaderMap;
 use std::sync::atomic::Ordering;
 
+use crate::headers::Headers;
 use crate::table::{Route, Selection};
 
 /// FNV-1a 64: a stable, fast hash of a header value (the same on every hub and every restart).
@@ -20,9 +20,9 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// `healthy(i)` tells whether upstream `i` is believed reachable; only `count` consults it:
 /// the first N healthy targets in listed order, topped up with unhealthy ones in order when
 /// fewer than N are healthy (they are still tried and reported, never silently skipped).
-pub fn select_targets(
+pub fn select_targets<H: Headers + ?Sized>(
     route: &Route,
-    headers: &HeaderMap,
+    headers: &H,
     healthy: impl Fn(usize) -> bool,
     out: &mut Vec<usize>,
 ) {
@@ -45,7 +45,7 @@ pub fn select_targets(
             }
         }
         Selection::Hash(name) => {
-            let v = headers.get(name).map(|v| v.as_bytes()).unwrap_or(b"");
+            let v = headers.first(name.as_str()).unwrap_or(b"");
             let k = (fnv1a(v) % t.len() as u64) as usize;
             out.push(t[k]);
         }
@@ -60,7 +60,7 @@ pub fn select_targets(
 mod tests {
     use super::*;
     use crate::table::{load_bytes, tests::sample};
-    use http::HeaderValue;
+    use http::{HeaderMap, HeaderValue};
 
     fn table_with(select: &str) -> crate::table::RoutingTable {
         let doc = sample().replace(

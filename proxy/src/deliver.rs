@@ -1,31 +1,26 @@
 //! Delivering one buffered request to one upstream over pooled HTTP/1.1 connections.
 //!
-//! Pingora's `TransportConnector` connects; idle connections wait in [`Pool`], a plain
-//! per-upstream stack (Pingora's own pool spawns a watcher task with a timer for every
-//! connection it takes back and checks the socket's peer on every reuse). The exchange itself
-//! is [`multihub_protocol::http1::client::Exchange`] (head and body in one write, the response
-//! head parsed in place, the body read without copies) rather than Pingora's client session,
-//! which builds header maps and per-exchange state for every delivery.
+//! Upstream connections are plain Tokio TCP streams (`TCP_NODELAY`), each kept with its read
+//! buffer; idle ones wait in [`Pool`], a plain per-upstream stack (Pingora's pool spawns a
+//! watcher task with a timer for every connection it takes back and checks the socket's peer
+//! on every reuse, and its stream wrapper times every pending read). The exchange itself is
+//! [`multihub_protocol::http1::client::Exchange`]: head and body in one vectored write, the
+//! response head parsed in place, the body read without copies.
 //!
 //! A delivery is: take a pooled connection (or connect), send the head and the body, read the
 //! complete response (draining its body), and give the connection back to the pool only after a
 //! clean, complete exchange. A reused connection that fails before any response byte is retried
 //! once on a fresh connection (the upstream closed an idle keep-alive connection).
 
-use bytes::Bytes;
-use futures::FutureExt as _;
+use bytes::{Bytes, BytesMut};
 use multihub_protocol::http1::client::{Exchange, ExchangeError, ResponseHead};
-use pingora_core::connectors::{ConnectorOptions, TransportConnector};
-use pingora_core::protocols::http::v1::client::http_req_header_to_wire;
-use pingora_core::protocols::Stream;
-use pingora_core::upstreams::peer::{HttpPeer, Peer};
-use pingora_http::RequestHeader;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncReadExt as _;
+use tokio::net::TcpStream;
 
 /// Why a delivery did not end in a 2xx.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,17 +109,24 @@ where
     }
 }
 
-/// How long an idle upstream connection stays in the pool (also every peer's `idle_timeout`).
+/// How long an idle upstream connection stays in the pool.
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Idle upstream connections, per upstream (key: the peer's reuse hash), most recently used
-/// last. A connection is taken only if it idled less than [`IDLE_TIMEOUT`] and shows no sign
-/// of having been closed (a readiness check that costs no system call while the socket is
-/// quiet). One the upstream closed without that showing yet fails before any response byte
-/// and the delivery retries on a fresh connection. At most `cap` connections idle per
-/// upstream; beyond that the oldest is closed.
+/// An upstream connection with its read buffer (kept together so a reused connection reads
+/// into the same memory).
+pub struct Link {
+    pub io: TcpStream,
+    pub buf: BytesMut,
+}
+
+/// Idle upstream connections, per upstream address, most recently used last. A connection is
+/// taken only if it idled less than [`IDLE_TIMEOUT`] and shows no sign of having been closed
+/// (a readiness check that costs no system call while the socket is quiet). One the upstream
+/// closed without that showing yet fails before any response byte and the delivery retries on
+/// a fresh connection. At most `cap` connections idle per upstream; beyond that the oldest is
+/// closed.
 pub struct Pool {
-    idle: Mutex<HashMap<u64, VecDeque<(Stream, Instant)>>>,
+    idle: Mutex<HashMap<SocketAddr, VecDeque<(Link, Instant)>>>,
     cap: usize,
 }
 
@@ -136,26 +138,26 @@ impl Pool {
         }
     }
 
-    /// A usable idle connection to the upstream `key`, if any.
-    pub fn take(&self, key: u64) -> Option<Stream> {
+    /// A usable idle connection to `addr`, if any.
+    pub fn take(&self, addr: SocketAddr) -> Option<Link> {
         loop {
-            let (mut stream, since) = {
+            let (link, since) = {
                 let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                idle.get_mut(&key)?.pop_back()?
+                idle.get_mut(&addr)?.pop_back()?
             };
-            if since.elapsed() < IDLE_TIMEOUT && quiet(&mut stream) {
-                return Some(stream);
+            if since.elapsed() < IDLE_TIMEOUT && quiet(&link.io) {
+                return Some(link);
             }
         }
     }
 
-    /// Keeps `stream` for the next delivery to `key`.
-    pub fn put(&self, key: u64, mut stream: Stream) {
-        if !quiet(&mut stream) {
+    /// Keeps `link` for the next delivery to `addr`.
+    pub fn put(&self, addr: SocketAddr, link: Link) {
+        if !quiet(&link.io) {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.entry(key).or_default();
+        let list = idle.entry(addr).or_default();
         // Expired connections sit at the front (oldest first).
         while list
             .front()
@@ -166,35 +168,32 @@ impl Pool {
         if list.len() >= self.cap {
             list.pop_front();
         }
-        list.push_back((stream, Instant::now()));
+        list.push_back((link, Instant::now()));
     }
 
-    /// How many connections idle for `key`.
-    pub fn idle(&self, key: u64) -> usize {
+    /// How many connections idle for `addr`.
+    pub fn idle(&self, addr: SocketAddr) -> usize {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.get(&key).map_or(0, VecDeque::len)
+        idle.get(&addr).map_or(0, VecDeque::len)
     }
 }
 
 /// True when an idle connection has nothing to read and is not closed: the upstream sends
 /// nothing unasked, so readable means closed (or broken). Costs no system call while tokio
 /// knows the socket is not readable.
-fn quiet(stream: &mut Stream) -> bool {
+fn quiet(io: &TcpStream) -> bool {
     let mut b = [0u8; 1];
-    tokio::task::unconstrained(stream.read(&mut b))
-        .now_or_never()
-        .is_none()
+    matches!(io.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// The upstream connections shared by every delivery of the process (across table versions:
-/// the pool key is the peer's address, so connections survive reloads).
+/// the pool key is the upstream's address, so connections survive reloads).
 pub struct Deliverer {
-    transport: TransportConnector,
     pool: Pool,
 }
 
 /// An exchange positioned at its response body.
-pub type Started = (Exchange<Stream>, ResponseHead);
+pub type Started = (Exchange<TcpStream>, ResponseHead);
 
 /// A complete response captured for `collect`.
 #[derive(Debug, Clone)]
@@ -205,51 +204,52 @@ pub struct Fetched {
     pub body: Option<Bytes>,
 }
 
+/// One request to send: its head on the wire format, its body, and whether it is a HEAD
+/// (whose response has no body).
+#[derive(Clone, Copy)]
+pub struct Request<'a> {
+    pub head: &'a [u8],
+    pub body: &'a [u8],
+    pub head_only: bool,
+}
+
+async fn connect(addr: SocketAddr) -> Result<Link, Failure> {
+    let io = TcpStream::connect(addr)
+        .await
+        .map_err(|e| Failure::Refused(e.to_string()))?;
+    // Heads and bodies leave in one write each; never hold them back.
+    let _ = io.set_nodelay(true);
+    Ok(Link {
+        io,
+        buf: BytesMut::new(),
+    })
+}
+
 impl Deliverer {
     pub fn new(pool_size: usize) -> Self {
-        let mut opts = ConnectorOptions::new(pool_size);
-        opts.keepalive_pool_size = pool_size;
         Deliverer {
-            transport: TransportConnector::new(Some(opts)),
             pool: Pool::new(pool_size),
         }
     }
 
     /// Sends the request and reads the response head. The returned exchange is positioned at
     /// the response body; hand it back with [`Deliverer::release`] once the body is fully read.
-    /// `head` builds the request head (called again only for a retry). A pooled connection that
-    /// fails before any response byte is retried once on a fresh one (safe: the request was not
-    /// answered, and providers deduplicate by request id).
-    pub async fn start<F>(&self, peer: &HttpPeer, head: &F, body: &[u8]) -> Result<Started, Failure>
-    where
-        F: Fn() -> pingora_error::Result<RequestHeader>,
-    {
-        let broken = |e: pingora_error::BError| Failure::Broken(e.to_string());
-        let (stream, reused) = match self.pool.take(peer.reuse_hash()) {
-            Some(s) => (s, true),
-            None => (
-                self.transport
-                    .new_stream(peer)
-                    .await
-                    .map_err(|e| Failure::Refused(e.to_string()))?,
-                false,
-            ),
+    /// A pooled connection that fails before any response byte is retried once on a fresh one
+    /// (safe: the request was not answered, and providers deduplicate by request id).
+    pub async fn start(&self, addr: SocketAddr, req: Request<'_>) -> Result<Started, Failure> {
+        let (link, reused) = match self.pool.take(addr) {
+            Some(l) => (l, true),
+            None => (connect(addr).await?, false),
         };
-        match Self::send(stream, &head().map_err(broken)?, body).await {
+        let send = |l: Link| Exchange::send(l.io, l.buf, req.head, req.body, req.head_only);
+        match send(link).await {
             Ok(s) => Ok(s),
             Err(ExchangeError::BeforeResponse(_)) if reused => {
-                let stream = self
-                    .transport
-                    .new_stream(peer)
-                    .await
-                    .map_err(|e| Failure::Refused(e.to_string()))?;
-                Self::send(stream, &head().map_err(broken)?, body)
-                    .await
-                    .map_err(
-                        |(ExchangeError::BeforeResponse(e) | ExchangeError::Broken(e))| {
-                            Failure::Broken(e)
-                        },
-                    )
+                send(connect(addr).await?).await.map_err(
+                    |(ExchangeError::BeforeResponse(e) | ExchangeError::Broken(e))| {
+                        Failure::Broken(e)
+                    },
+                )
             }
             Err(ExchangeError::BeforeResponse(e) | ExchangeError::Broken(e)) => {
                 Err(Failure::Broken(e))
@@ -257,40 +257,28 @@ impl Deliverer {
         }
     }
 
-    /// Head and body in one write, then the response head.
-    async fn send(
-        stream: Stream,
-        req: &RequestHeader,
-        body: &[u8],
-    ) -> Result<Started, ExchangeError> {
-        let mut wire = http_req_header_to_wire(req).ok_or_else(|| {
-            ExchangeError::BeforeResponse("request head cannot be encoded".into())
-        })?;
-        wire.extend_from_slice(body);
-        Exchange::send(stream, &wire, req.method == http::Method::HEAD).await
-    }
-
     /// Returns the connection of an exchange whose response was read completely to the pool
     /// (if the upstream keeps it alive).
-    pub fn release(&self, ex: Exchange<Stream>, peer: &HttpPeer) {
-        if let Some(stream) = ex.into_reusable() {
-            self.pool.put(peer.reuse_hash(), stream);
+    pub fn release(&self, ex: Exchange<TcpStream>, addr: SocketAddr) {
+        if let Some((io, buf)) = ex.into_reusable() {
+            self.pool.put(addr, Link { io, buf });
         }
     }
 
+    /// How many connections to `addr` idle in the pool.
+    pub fn idle(&self, addr: SocketAddr) -> usize {
+        self.pool.idle(addr)
+    }
+
     /// Sends one request and reads (drains) the whole response. `Ok(status)` is always a 2xx.
-    pub async fn deliver<F>(
+    pub async fn deliver(
         &self,
-        peer: &HttpPeer,
-        head: &F,
-        body: &[u8],
+        addr: SocketAddr,
+        req: Request<'_>,
         timeout: Duration,
-    ) -> Result<u16, Failure>
-    where
-        F: Fn() -> pingora_error::Result<RequestHeader>,
-    {
+    ) -> Result<u16, Failure> {
         let status = pingora_timeout::timeout(timeout, async {
-            let (mut ex, resp) = self.start(peer, head, body).await?;
+            let (mut ex, resp) = self.start(addr, req).await?;
             loop {
                 match ex.piece().await {
                     Ok(Some(_)) => {}
@@ -300,7 +288,7 @@ impl Deliverer {
                     }
                 }
             }
-            self.release(ex, peer);
+            self.release(ex, addr);
             Ok(resp.status())
         })
         .await
@@ -313,19 +301,15 @@ impl Deliverer {
     }
 
     /// Sends one request and captures the response (any status), the body up to `max_body`.
-    pub async fn fetch<F>(
+    pub async fn fetch(
         &self,
-        peer: &HttpPeer,
-        head: &F,
-        body: &[u8],
+        addr: SocketAddr,
+        req: Request<'_>,
         timeout: Duration,
         max_body: usize,
-    ) -> Result<Fetched, Failure>
-    where
-        F: Fn() -> pingora_error::Result<RequestHeader>,
-    {
+    ) -> Result<Fetched, Failure> {
         pingora_timeout::timeout(timeout, async {
-            let (mut ex, resp) = self.start(peer, head, body).await?;
+            let (mut ex, resp) = self.start(addr, req).await?;
             let status = resp.status();
             let headers = resp
                 .headers()
@@ -336,7 +320,7 @@ impl Deliverer {
                     )
                 })
                 .collect();
-            let mut buf = bytes::BytesMut::new();
+            let mut buf = BytesMut::new();
             loop {
                 match ex.piece().await {
                     Ok(Some(chunk)) => {
@@ -355,7 +339,7 @@ impl Deliverer {
                     }
                 }
             }
-            self.release(ex, peer);
+            self.release(ex, addr);
             Ok(Fetched {
                 status,
                 headers,
@@ -370,10 +354,9 @@ impl Deliverer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pingora_core::protocols::l4::stream::Stream as L4;
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpListener;
 
-    async fn pair() -> (Stream, TcpStream) {
+    async fn pair() -> (Link, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -381,38 +364,50 @@ mod tests {
         let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
         let c = c.unwrap_or_else(|e| panic!("{e}"));
         let (s, _) = s.unwrap_or_else(|e| panic!("{e}"));
-        (Box::new(L4::from(c)), s)
+        (
+            Link {
+                io: c,
+                buf: BytesMut::new(),
+            },
+            s,
+        )
+    }
+
+    fn port(l: &Link) -> u16 {
+        l.io.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
     #[tokio::test]
     async fn the_pool_hands_back_live_connections_last_in_first_out_and_drops_closed_ones() {
         let pool = Pool::new(2);
+        let key: SocketAddr = ([127, 0, 0, 7], 7).into();
+        let other: SocketAddr = ([127, 0, 0, 8], 7).into();
         let (a, _sa) = pair().await;
         let (b, _sb) = pair().await;
         let (c, _sc) = pair().await;
-        let idc = c.id();
-        pool.put(7, a);
-        pool.put(7, b);
-        pool.put(7, c);
-        assert_eq!(pool.idle(7), 2, "the oldest was closed at the cap");
-        assert_eq!(pool.take(7).map(|s| s.id()), Some(idc));
-        assert!(pool.take(8).is_none());
-        drop(pool.take(7));
-        assert!(pool.take(7).is_none());
+        let pc = port(&c);
+        pool.put(key, a);
+        pool.put(key, b);
+        pool.put(key, c);
+        assert_eq!(pool.idle(key), 2, "the oldest was closed at the cap");
+        assert_eq!(pool.take(key).map(|l| port(&l)), Some(pc));
+        assert!(pool.take(other).is_none());
+        drop(pool.take(key));
+        assert!(pool.take(key).is_none());
 
         // An upstream that closed an idle connection: the pool stops handing it out.
         let (d, sd) = pair().await;
-        pool.put(7, d);
+        pool.put(key, d);
         drop(sd);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while let Some(s) = pool.take(7) {
+        while let Some(l) = pool.take(key) {
             assert!(
                 Instant::now() < deadline,
                 "a closed connection kept being handed out"
             );
-            pool.put(7, s);
+            pool.put(key, l);
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(pool.idle(7), 0);
+        assert_eq!(pool.idle(key), 0);
     }
 }

@@ -1,50 +1,18 @@
 //! Deliveries of one buffered request to several upstreams, bounded and counted.
 
 use bytes::Bytes;
-use http::HeaderValue;
-use multihub_filters::Upstream;
+use multihub_filters::forward::Outbound;
+use multihub_filters::{Upstream, UpstreamKind};
 use multihub_protocol::routes::Order;
-use pingora_error::{Error, ErrorType, Result};
-use pingora_http::RequestHeader;
+use std::time::Instant;
 use tokio::sync::Semaphore;
 
-use crate::deliver::{retrying, Failure};
+use crate::deliver::{retrying, Failure, Request};
 use crate::metrics::DropReason;
 use crate::state::{Engine, HubTable};
-use multihub_filters::UpstreamKind;
-use std::time::Instant;
 
 /// One delivery outcome: upstream index and result (a 2xx status on success).
 pub type Outcome = (usize, std::result::Result<u16, Failure>);
-
-/// The head for one upstream: the base head with this upstream's `Host` and base path.
-pub fn head_for(base: &RequestHeader, up: &Upstream) -> Result<RequestHeader> {
-    head_at(base, &up.host_header, &up.url.base_path, None)
-}
-
-/// The base head re-targeted: `Host`, and the path below `base_path` (`path` replaces the
-/// request's own path when given).
-pub fn head_at(
-    base: &RequestHeader,
-    host: &HeaderValue,
-    base_path: &str,
-    path: Option<&str>,
-) -> Result<RequestHeader> {
-    let mut h = base.clone();
-    h.insert_header(http::header::HOST, host.clone())?;
-    if !base_path.is_empty() || path.is_some() {
-        let pq =
-            path.unwrap_or_else(|| base.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
-        let mut s = String::with_capacity(base_path.len() + pq.len());
-        s.push_str(base_path);
-        s.push_str(pq);
-        let uri = s
-            .parse::<http::Uri>()
-            .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?;
-        h.set_uri(uri);
-    }
-    Ok(h)
-}
 
 /// One request's deliveries: everything but the upstream index.
 pub struct Job<'a> {
@@ -53,7 +21,7 @@ pub struct Job<'a> {
     pub route: &'a str,
     pub route_index: usize,
     pub t: &'a HubTable,
-    pub base: &'a RequestHeader,
+    pub out: &'a Outbound,
     pub body: &'a Bytes,
     /// The in-flight bound these deliveries count against.
     pub slots: &'a Semaphore,
@@ -68,7 +36,7 @@ impl Job<'_> {
     /// Delivers to upstream `i` under the in-flight bound.
     pub async fn deliver_one(&self, i: usize) -> Outcome {
         let (engine, t) = (self.engine, self.t);
-        let Some((up, peer)) = t.target(i) else {
+        let Some(up) = t.table.upstream(i) else {
             return (i, Err(Failure::Broken("unknown upstream".into())));
         };
         let permit = if self.wait {
@@ -86,13 +54,15 @@ impl Job<'_> {
                 }
             }
         };
-        let head = || head_for(self.base, up);
+        let head = self.out.head(up);
+        let req = Request {
+            head: &head,
+            body: self.body,
+            head_only: self.out.method == http::Method::HEAD,
+        };
         let started = Instant::now();
         let result = retrying(self.retries, t.table.hub.retry_backoff, |_| async {
-            let r = engine
-                .deliverer
-                .deliver(peer, &head, self.body, up.timeout)
-                .await;
+            let r = engine.deliverer.deliver(up.addr, req, up.timeout).await;
             t.mark(i, !matches!(&r, Err(f) if f.unreachable()));
             r
         })

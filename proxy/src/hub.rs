@@ -8,10 +8,9 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::HeaderValue;
-use multihub_filters::forward::{connection_tokens, hub_headers, is_forwarded};
-use multihub_filters::{plan, Plan, Reject, RequestView};
-use multihub_protocol::hashing::{binding_hex, repr_of};
+use http::{HeaderValue, Method};
+use multihub_filters::forward::Outbound;
+use multihub_filters::{plan, Headers, Plan, Reject, RequestView};
 use multihub_protocol::headers::{HUB_ROUTE_VERSION, OUTCOMES_PATH, REQUEST_ID};
 use multihub_protocol::http1::{self, Conn, Limits, Next};
 use multihub_protocol::routes::Respond;
@@ -19,7 +18,7 @@ use pingora_core::apps::ServerApp;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use pingora_error::{Error, ErrorType, Result};
-use pingora_http::RequestHeader;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -139,39 +138,6 @@ impl Hub {
         }
     }
 
-    /// The head sent to every upstream, minus `Host`: requester headers that may be forwarded,
-    /// then the hub headers of DESIGN §3.
-    fn base_header(
-        req: &RequestHeader,
-        t: &HubTable,
-        plan: &Plan,
-        body: &Bytes,
-    ) -> Result<RequestHeader> {
-        let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let mut out = RequestHeader::build(
-            req.method.clone(),
-            path.as_bytes(),
-            Some(req.headers.len() + 12),
-        )?;
-        let conn = connection_tokens(&req.headers);
-        for (name, value) in req.headers.iter() {
-            if is_forwarded(name, &conn) {
-                out.append_header(name.clone(), value.clone())?;
-            }
-        }
-        let repr = repr_of(body);
-        let binding = binding_hex(repr.as_str(), plan.inbound.context.as_bytes());
-        let repr = HeaderValue::from_str(repr.as_str())
-            .map_err(|_| Error::new(ErrorType::InternalError))?;
-        let binding =
-            HeaderValue::from_str(&binding).map_err(|_| Error::new(ErrorType::InternalError))?;
-        for (name, value) in hub_headers(&t.table, plan, repr, binding) {
-            out.insert_header(name, value)?;
-        }
-        out.insert_header(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()))?;
-        Ok(out)
-    }
-
     fn count_suppressed(engine: &Engine, plan: &Plan) {
         for (_, why) in &plan.relay.suppressed {
             engine
@@ -193,35 +159,61 @@ pub(crate) fn stamp<'a>(headers: &mut Vec<(&'a str, &'a [u8])>, ctx: &'a Ctx) {
     }
 }
 
-/// One request on a downstream connection: the connection, the parsed head, and the head as
-/// the filters and the upstream side read it.
+/// One request on a downstream connection: the connection, the parsed head, and what routing
+/// reads of it.
 pub struct Downstream<'a> {
     pub(crate) conn: &'a mut Conn<Stream>,
     pub(crate) raw: &'a http1::Request,
-    head: RequestHeader,
+    pub(crate) method: Method,
+    pub(crate) target: Target<'a>,
 }
 
-impl Downstream<'_> {
-    pub(crate) fn req_header(&self) -> &RequestHeader {
-        &self.head
+/// The request target (RFC 9112 §3.2): what is forwarded (path and query) and what routes
+/// (the path, and the authority of an absolute-form target).
+pub(crate) struct Target<'a> {
+    /// Path and query, as forwarded to upstreams.
+    pub(crate) path_and_query: Cow<'a, str>,
+    /// The authority of an absolute-form target.
+    pub(crate) authority: Option<String>,
+}
+
+impl Target<'_> {
+    /// The path, without the query.
+    pub(crate) fn path(&self) -> &str {
+        let t: &str = &self.path_and_query;
+        t.split_once('?').map_or(t, |(p, _)| p)
     }
 }
 
-/// The request head as a Pingora `RequestHeader` (what planning and the upstream side read).
-fn request_header(r: &http1::Request) -> std::result::Result<RequestHeader, Reject> {
+/// Splits a request's method and target; refuses what cannot be forwarded.
+fn request_line(r: &http1::Request) -> std::result::Result<(Method, Target<'_>), Reject> {
     let bad = |what: &str| Reject::new(400, "bad_request", format!("invalid {what}"));
-    let mut h =
-        RequestHeader::build_no_case(r.method(), r.target().as_bytes(), Some(r.header_count()))
-            .map_err(|_| bad("request line"))?;
-    if r.is_http10() {
-        h.set_version(http::Version::HTTP_10);
-    }
-    for (name, value) in r.headers() {
-        let name = http::HeaderName::from_bytes(name).map_err(|_| bad("header name"))?;
-        let value = HeaderValue::from_bytes(value).map_err(|_| bad("header value"))?;
-        h.append_header(name, value).map_err(|_| bad("header"))?;
-    }
-    Ok(h)
+    // Standard methods are recognised without allocating.
+    let method = Method::from_bytes(r.method().as_bytes()).map_err(|_| bad("method"))?;
+    let t = r.target();
+    let target = if t.starts_with('/') || t == "*" {
+        Target {
+            path_and_query: Cow::Borrowed(t),
+            authority: None,
+        }
+    } else {
+        // Absolute form (`http://host/path`), as sent to proxies.
+        let uri: http::Uri = t.parse().map_err(|_| bad("request target"))?;
+        let authority = uri.authority().map(|a| a.as_str().to_owned());
+        if authority.is_none() {
+            return Err(bad("request target"));
+        }
+        let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+        Target {
+            path_and_query: Cow::Owned(if pq.starts_with('/') {
+                pq.to_owned()
+            } else {
+                format!("/{pq}")
+            }),
+            authority,
+        }
+    };
+    Ok((method, target))
 }
 
 #[async_trait]
@@ -251,7 +243,7 @@ impl ServerApp for Hub {
                 Next::Closed => break,
             };
             let mut ctx = self.new_ctx();
-            let head = match request_header(&raw) {
+            let (method, target) = match request_line(&raw) {
                 Ok(h) => h,
                 Err(r) => {
                     ctx.table = Some(self.tables.load_full());
@@ -268,7 +260,8 @@ impl ServerApp for Hub {
             let mut session = Downstream {
                 conn: &mut conn,
                 raw: &raw,
-                head,
+                method,
+                target,
             };
             let r = self.handle(&mut session, &mut ctx).await;
             if let Err(e) = &r {
@@ -306,31 +299,29 @@ impl Hub {
     async fn handle(&self, session: &mut Downstream<'_>, ctx: &mut Ctx) -> Result<()> {
         let t = self.tables.load_full();
         ctx.table = Some(t.clone());
-        if session.req_header().uri.path() == OUTCOMES_PATH {
+        if session.target.path() == OUTCOMES_PATH {
             return self.relay_outcome(session, ctx, &t).await;
         }
-        let req = session.req_header();
-        let host = req
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri.authority().map(|a| a.as_str()));
+        let raw = session.raw;
+        let host = raw
+            .first("host")
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .or(session.target.authority.as_deref());
         let view = RequestView {
-            method: &req.method,
-            path: req.uri.path(),
+            method: &session.method,
+            path: session.target.path(),
             host,
-            headers: &req.headers,
+            headers: raw,
         };
         let plan = match plan(&t.table, &view, |i| t.healthy(i)) {
             Ok(p) => p,
             Err(r) => {
                 if r.status != 400 {
                     // Keep a valid requester id on 404/508 answers.
-                    ctx.request_id = req
-                        .headers
-                        .get(REQUEST_ID)
-                        .filter(|v| multihub_protocol::validate_request_id(v.as_bytes()).is_ok())
-                        .cloned();
+                    ctx.request_id = raw
+                        .first(REQUEST_ID)
+                        .filter(|v| multihub_protocol::validate_request_id(v).is_ok())
+                        .and_then(|v| HeaderValue::from_bytes(v).ok());
                 }
                 return Self::reject(session, ctx, r).await;
             }
@@ -343,11 +334,18 @@ impl Hub {
             Err(e) => return Self::reject(session, ctx, e.reject(max)).await,
         };
         Self::count_suppressed(&self.engine, &plan);
-        let base = Self::base_header(session.req_header(), &t, &plan, &body)?;
+        let out = Outbound::new(
+            &session.method,
+            &session.target.path_and_query,
+            raw,
+            &t.table,
+            &plan,
+            &body,
+        );
         match t.table.routes[plan.route].respond {
-            Respond::Accept => self.accept(session, ctx, &t, &plan, base, body).await,
-            Respond::Proxy => self.proxy(session, ctx, &t, &plan, base, body).await,
-            Respond::Collect => self.collect(session, ctx, &t, &plan, base, body).await,
+            Respond::Accept => self.accept(session, ctx, &t, &plan, out, body).await,
+            Respond::Proxy => self.proxy(session, ctx, &t, &plan, out, body).await,
+            Respond::Collect => self.collect(session, ctx, &t, &plan, out, body).await,
         }
     }
 

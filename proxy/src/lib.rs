@@ -3,7 +3,7 @@
 //! - [`cli`]: the command line of `multihub-hub`.
 //! - [`hub`]: the listener, a Pingora `ServerApp` speaking HTTP/1.1 through
 //!   `multihub_protocol::http1` (one request: route, read, deliver, answer, log).
-//! - [`deliver`]: pooled upstream deliveries (Pingora's connection pool,
+//! - [`deliver`]: pooled upstream deliveries (plain Tokio TCP connections,
 //!   `multihub_protocol::http1::client` exchanges).
 //! - [`state`]: the swapped table slot and the delivery engine.
 //! - [`server`]: building and running the Pingora server.

@@ -3,18 +3,18 @@
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bytes::Bytes;
+use multihub_filters::forward::Outbound;
 use multihub_filters::Plan;
 use multihub_protocol::headers::HOP_BY_HOP;
 use multihub_protocol::headers::{HUB_ROUTE_VERSION, REQUEST_ID};
 use multihub_protocol::http1::Answer;
 use multihub_protocol::routes::{Delivery, Order};
 use pingora_error::{Error, ErrorType, Result};
-use pingora_http::RequestHeader;
 use serde::Serialize;
 use std::sync::Arc;
 
-use crate::deliver::{Failure, Fetched};
-use crate::fanout::{head_for, Job, Outcome};
+use crate::deliver::{Failure, Fetched, Request};
+use crate::fanout::{Job, Outcome};
 use crate::hub::{stamp, Ctx, Downstream, Hub};
 use crate::metrics::DropReason;
 use crate::state::{Busy, HubTable};
@@ -91,7 +91,7 @@ impl Hub {
         ctx: &mut Ctx,
         t: &Arc<HubTable>,
         plan: &Plan,
-        base: RequestHeader,
+        out: Outbound,
         body: Bytes,
     ) -> Result<()> {
         let route = &t.table.routes[plan.route];
@@ -99,7 +99,7 @@ impl Hub {
         match route.delivery {
             Delivery::Async => {
                 ctx.delivered = list.len() as u16;
-                self.spawn_background(t, plan.route, base, body, list, Bound::Hub);
+                self.spawn_background(t, plan.route, out, body, list, Bound::Hub);
                 Self::respond(session, ctx, 204, None).await
             }
             Delivery::Confirmed => {
@@ -108,7 +108,7 @@ impl Hub {
                     route: &route.id,
                     route_index: plan.route,
                     t,
-                    base: &base,
+                    out: &out,
                     body: &body,
                     slots: self.engine.in_flight.semaphore(),
                     wait: true,
@@ -165,12 +165,22 @@ impl Hub {
         ctx: &mut Ctx,
         t: &Arc<HubTable>,
         plan: &Plan,
-        base: RequestHeader,
+        out: Outbound,
         body: Bytes,
     ) -> Result<()> {
         let route = &t.table.routes[plan.route];
         let Some((&primary, others)) = plan.targets.split_first() else {
             return Error::e_explain(ErrorType::InternalError, "route without targets");
+        };
+        let Some(up) = t.table.upstream(primary) else {
+            return Error::e_explain(ErrorType::InternalError, "unknown primary");
+        };
+        let head = out.head(up);
+        let method = out.method.clone();
+        let req = Request {
+            head: &head,
+            body: &body,
+            head_only: method == http::Method::HEAD,
         };
         let mut copies: Vec<usize> = others.to_vec();
         copies.extend_from_slice(&plan.relay.relays);
@@ -180,30 +190,16 @@ impl Hub {
                     self.engine.metrics.drop(DropReason::CopyTooLarge);
                 }
             } else {
-                self.spawn_background(
-                    t,
-                    plan.route,
-                    base.clone(),
-                    body.clone(),
-                    copies,
-                    Bound::Copies,
-                );
+                self.spawn_background(t, plan.route, out, body.clone(), copies, Bound::Copies);
             }
         }
 
-        let Some((up, peer)) = t.target(primary) else {
-            return Error::e_explain(ErrorType::InternalError, "unknown primary");
-        };
-        let head = || head_for(&base, up);
-        let attempts = if idempotent(&base.method) { 2 } else { 1 };
+        let attempts = if idempotent(&method) { 2 } else { 1 };
         let mut last = Failure::Timeout;
         let mut started = None;
         for _ in 0..attempts {
-            match pingora_timeout::timeout(
-                up.timeout,
-                self.engine.deliverer.start(peer, &head, &body),
-            )
-            .await
+            match pingora_timeout::timeout(up.timeout, self.engine.deliverer.start(up.addr, req))
+                .await
             {
                 Ok(Ok(s)) => {
                     started = Some(s);
@@ -227,7 +223,7 @@ impl Hub {
         let status = resp.status();
         // How the body is framed towards the requester: re-framed by us, except for answers
         // that carry no body, whose Content-Length passes through as given.
-        let answer = if base.method == http::Method::HEAD
+        let answer = if method == http::Method::HEAD
             || status == 204
             || status == 304
             || (100..200).contains(&status)
@@ -273,7 +269,7 @@ impl Hub {
         }
         if answer == Answer::NoBody {
             if up_session.is_done() {
-                self.engine.deliverer.release(up_session, peer);
+                self.engine.deliverer.release(up_session, up.addr);
             }
             return Ok(());
         }
@@ -298,7 +294,7 @@ impl Hub {
                 return Error::e_explain(ErrorType::WriteError, "downstream went away");
             }
         }
-        self.engine.deliverer.release(up_session, peer);
+        self.engine.deliverer.release(up_session, up.addr);
         Ok(())
     }
 
@@ -310,7 +306,7 @@ impl Hub {
         &self,
         t: &Arc<HubTable>,
         route: usize,
-        base: RequestHeader,
+        out: Outbound,
         body: Bytes,
         list: Vec<usize>,
         bound: Bound,
@@ -339,7 +335,7 @@ impl Hub {
                 route: &r.id,
                 route_index: route,
                 t: &t,
-                base: &base,
+                out: &out,
                 body: &body,
                 slots,
                 wait: false,
@@ -361,17 +357,17 @@ impl Hub {
         ctx: &mut Ctx,
         t: &Arc<HubTable>,
         plan: &Plan,
-        base: RequestHeader,
+        out: Outbound,
         body: Bytes,
     ) -> Result<()> {
         let route = &t.table.routes[plan.route];
         let list = all_upstreams(plan);
         let engine = &self.engine;
         let fetches = list.iter().map(|&i| {
-            let base = &base;
+            let out = &out;
             let body = &body;
             async move {
-                let Some((up, peer)) = t.target(i) else {
+                let Some(up) = t.table.upstream(i) else {
                     return (i, Err(Failure::Broken("unknown upstream".into())));
                 };
                 let wait = up.timeout.min(route.timeout);
@@ -380,10 +376,15 @@ impl Hub {
                 else {
                     return (i, Err(Failure::InFlightFull));
                 };
-                let head = || head_for(base, up);
+                let head = out.head(up);
+                let req = Request {
+                    head: &head,
+                    body,
+                    head_only: out.method == http::Method::HEAD,
+                };
                 let r = engine
                     .deliverer
-                    .fetch(peer, &head, body, wait, route.max_response_bytes)
+                    .fetch(up.addr, req, wait, route.max_response_bytes)
                     .await;
                 t.mark(i, !matches!(&r, Err(f) if f.unreachable()));
                 (i, r)

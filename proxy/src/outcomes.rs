@@ -3,16 +3,16 @@
 
 use bytes::Bytes;
 use http::HeaderValue;
+use multihub_filters::forward::wire_head;
 use multihub_filters::outcome::{outcome_headers, predecessor, OutcomeHeaders, Predecessor};
-use multihub_filters::Reject;
+use multihub_filters::{Headers, Reject};
 use multihub_protocol::headers::{HUB_PATH, OUTCOMES_PATH, PROVIDER_ID, REQUEST_ID};
-use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::Result;
-use pingora_http::RequestHeader;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::deliver::retrying;
+use crate::deliver::{retrying, Request};
 use crate::hub::{Ctx, Downstream, Hub};
 use crate::state::{Busy, Engine, HubTable};
 
@@ -23,27 +23,32 @@ const OUTCOME_TIMEOUT: Duration = Duration::from_secs(5);
 struct Destination {
     /// Metric label: `sink<N>` or the peer id.
     label: String,
-    peer: HttpPeer,
-    head: RequestHeader,
+    addr: SocketAddr,
+    /// The request head on the wire format.
+    head: Vec<u8>,
 }
 
 fn outcome_head(
     h: &OutcomeHeaders,
     host: &HeaderValue,
     path: &str,
-    content_type: Option<&HeaderValue>,
+    content_type: Option<&[u8]>,
     len: usize,
-) -> Result<RequestHeader> {
-    let mut head = RequestHeader::build_no_case("POST", path.as_bytes(), Some(6))?;
-    head.insert_header(http::header::HOST, host.clone())?;
-    head.insert_header(REQUEST_ID, h.request_id.clone())?;
-    head.insert_header(PROVIDER_ID, h.provider_id.clone())?;
-    head.insert_header(HUB_PATH, h.path.clone())?;
-    if let Some(ct) = content_type {
-        head.insert_header(http::header::CONTENT_TYPE, ct.clone())?;
-    }
-    head.insert_header(http::header::CONTENT_LENGTH, HeaderValue::from(len))?;
-    Ok(head)
+) -> Vec<u8> {
+    let mut fields: [(&str, &[u8]); 4] = [
+        (REQUEST_ID, h.request_id.as_bytes()),
+        (PROVIDER_ID, h.provider_id.as_bytes()),
+        (HUB_PATH, h.path.as_bytes()),
+        ("content-type", b""),
+    ];
+    let n = match content_type {
+        Some(ct) => {
+            fields[3].1 = ct;
+            4
+        }
+        None => 3,
+    };
+    wire_head("POST", path, host.as_bytes(), &fields[..n], Some(len))
 }
 
 impl Hub {
@@ -54,8 +59,8 @@ impl Hub {
         ctx: &mut Ctx,
         t: &Arc<HubTable>,
     ) -> Result<()> {
-        let req = session.req_header();
-        if req.method != http::Method::POST {
+        let req = session.raw;
+        if session.method != http::Method::POST {
             return Self::reject(
                 session,
                 ctx,
@@ -63,7 +68,7 @@ impl Hub {
             )
             .await;
         }
-        let h = match outcome_headers(&req.headers) {
+        let h = match outcome_headers(req) {
             Ok(h) => h,
             Err(r) => {
                 self.engine
@@ -75,7 +80,7 @@ impl Hub {
             }
         };
         ctx.request_id = Some(h.request_id.clone());
-        let content_type = req.headers.get(http::header::CONTENT_TYPE).cloned();
+        let content_type = req.first("content-type");
         let max = t.table.hub.max_body_bytes;
         let body = match Self::read_body(session, max).await {
             Ok(b) => b,
@@ -90,7 +95,7 @@ impl Hub {
         };
 
         let mut dests = Vec::with_capacity(t.table.outcome_sinks.len() + 1);
-        for (n, (sink, peer)) in t.table.outcome_sinks.iter().zip(&t.sink_peers).enumerate() {
+        for (n, sink) in t.table.outcome_sinks.iter().enumerate() {
             let path = if sink.url.base_path.is_empty() {
                 "/"
             } else {
@@ -98,35 +103,23 @@ impl Hub {
             };
             dests.push(Destination {
                 label: format!("sink{n}"),
-                peer: peer.clone(),
-                head: outcome_head(
-                    &h,
-                    &sink.host_header,
-                    path,
-                    content_type.as_ref(),
-                    body.len(),
-                )?,
+                addr: sink.addr,
+                head: outcome_head(&h, &sink.host_header, path, content_type, body.len()),
             });
         }
         let path = h.path.to_str().unwrap_or("");
         match predecessor(path, &t.table.hub.id) {
             Predecessor::Hub(prev) => match t.table.peer_index.get(prev) {
                 Some(&i) => {
-                    if let Some((up, peer)) = t.target(i) {
+                    if let Some(up) = t.table.upstream(i) {
                         let mut p =
                             String::with_capacity(up.url.base_path.len() + OUTCOMES_PATH.len());
                         p.push_str(&up.url.base_path);
                         p.push_str(OUTCOMES_PATH);
                         dests.push(Destination {
                             label: up.id.clone(),
-                            peer: peer.clone(),
-                            head: outcome_head(
-                                &h,
-                                &up.host_header,
-                                &p,
-                                content_type.as_ref(),
-                                body.len(),
-                            )?,
+                            addr: up.addr,
+                            head: outcome_head(&h, &up.host_header, &p, content_type, body.len()),
                         });
                     }
                 }
@@ -194,13 +187,15 @@ async fn deliver_outcome(
     retries: u32,
     backoff: Duration,
 ) {
-    let head = || Ok(d.head.clone());
+    let req = Request {
+        head: &d.head,
+        body,
+        head_only: false,
+    };
     let mut attempts = 0;
     let r = retrying(retries, backoff, |attempt| {
         attempts = attempt + 1;
-        engine
-            .deliverer
-            .deliver(&d.peer, &head, body, OUTCOME_TIMEOUT)
+        engine.deliverer.deliver(d.addr, req, OUTCOME_TIMEOUT)
     })
     .await;
     match r {

@@ -98,6 +98,9 @@ pub fn run(opts: &RunOpts, routes: &Path, loaded: Loaded) -> Result<(), HubError
 
     let conf = ServerConf {
         threads: opts.threads,
+        // One thread: a current-thread runtime (no work-stealing machinery on every wake-up).
+        // More: work stealing, so pooled upstream connections serve every thread alike.
+        work_stealing: opts.threads > 1,
         // Our lifecycle service exits as soon as the drain completes; Pingora's fixed grace
         // sleep is only the backstop.
         grace_period_seconds: Some(opts.grace_period + 1),

@@ -1,11 +1,10 @@
-//! Runtime state: the active table version (swapped whole through `ArcSwap`) with its Pingora
-//! peers, metric handles and passive health, and the process-wide delivery engine (pool,
+//! Runtime state: the active table version (swapped whole through `ArcSwap`) with its metric
+//! handles and passive health, and the process-wide delivery engine (pool,
 //! in-flight bounds, metrics, drain tracking).
 
 use arc_swap::ArcSwap;
 use multihub_filters::source::Loaded;
-use multihub_filters::{RoutingTable, Upstream};
-use pingora_core::upstreams::peer::HttpPeer;
+use multihub_filters::RoutingTable;
 use prometheus::{Histogram, IntCounter};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -13,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Semaphore;
 
-use crate::deliver::{Deliverer, IDLE_TIMEOUT};
+use crate::deliver::Deliverer;
 use crate::metrics::{Metrics, RouteMetrics};
 
 /// How long an upstream that refused or timed out is skipped by `select: {"count": N}`.
@@ -22,10 +21,6 @@ const DOWN_FOR: Duration = Duration::from_secs(2);
 /// One compiled table version plus what the proxy needs to use it. Immutable except health.
 pub struct HubTable {
     pub table: RoutingTable,
-    /// One Pingora peer per upstream index of `table`.
-    pub peers: Vec<HttpPeer>,
-    /// One Pingora peer per outcome sink.
-    pub sink_peers: Vec<HttpPeer>,
     /// Per route: the bound on its `proxy` copies in flight.
     pub copy_slots: Vec<Semaphore>,
     /// Per route: request metrics.
@@ -47,22 +42,7 @@ pub struct HubTable {
 impl HubTable {
     pub fn new(loaded: Loaded, metrics: &Metrics) -> Self {
         let table = loaded.table;
-        let peers = table
-            .upstreams
-            .iter()
-            .map(|u| {
-                let mut p = HttpPeer::new(u.addr, false, String::new());
-                p.options.connection_timeout = Some(u.timeout);
-                p.options.idle_timeout = Some(IDLE_TIMEOUT);
-                p
-            })
-            .collect();
         let down_until = table.upstreams.iter().map(|_| AtomicU64::new(0)).collect();
-        let sink_peers = table
-            .outcome_sinks
-            .iter()
-            .map(|s| HttpPeer::new(s.addr, false, String::new()))
-            .collect();
         let copy_slots = table
             .routes
             .iter()
@@ -99,8 +79,6 @@ impl HubTable {
             .collect();
         HubTable {
             delivered_ok,
-            peers,
-            sink_peers,
             copy_slots,
             route_metrics,
             unrouted_metrics: metrics.route("", "none"),
@@ -112,11 +90,6 @@ impl HubTable {
             loaded_at: SystemTime::now(),
             table,
         }
-    }
-
-    /// Upstream `i` of the table with its Pingora peer.
-    pub fn target(&self, i: usize) -> Option<(&Upstream, &HttpPeer)> {
-        Some((self.table.upstream(i)?, self.peers.get(i)?))
     }
 
     fn now_ms(&self) -> u64 {

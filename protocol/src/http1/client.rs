@@ -4,6 +4,7 @@
 //! exchange that keeps it alive.
 
 use bytes::{Bytes, BytesMut};
+use std::io::IoSlice;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::body::{fill, next_piece, Body};
@@ -71,18 +72,25 @@ pub struct Exchange<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<S> {
-    /// Sends `request` (head and body, already on the wire format) and reads the response
-    /// head, skipping interim (1xx) responses. `head_request`: the request was a HEAD, so the
+    /// Sends the request (`head` on the wire format, then `body`, in one vectored write) and
+    /// reads the response head, skipping interim (1xx) responses. `buf` is the connection's
+    /// read buffer, empty, handed back by [`Exchange::into_reusable`] so a pooled connection
+    /// reads into the same memory every time. `head_request`: the request was a HEAD, so the
     /// response has no body whatever its headers say.
     pub async fn send(
         mut io: S,
-        request: &[u8],
+        mut buf: BytesMut,
+        head: &[u8],
+        body: &[u8],
         head_request: bool,
     ) -> Result<(Exchange<S>, ResponseHead), ExchangeError> {
         let before = |e: std::io::Error| ExchangeError::BeforeResponse(e.to_string());
-        io.write_all(request).await.map_err(before)?;
+        write_all_vectored(&mut io, &mut [IoSlice::new(head), IoSlice::new(body)])
+            .await
+            .map_err(before)?;
         io.flush().await.map_err(before)?;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        buf.clear();
+        buf.reserve(READ_CHUNK);
         let mut got_any = false;
         loop {
             if !buf.is_empty() {
@@ -167,10 +175,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<S> {
         matches!(self.body, Body::Done | Body::Length(0))
     }
 
-    /// The connection, when the exchange ended cleanly and the connection may carry another.
-    pub fn into_reusable(self) -> Option<S> {
-        (self.is_done() && self.keep_alive && self.buf.is_empty()).then_some(self.io)
+    /// The connection and its read buffer, when the exchange ended cleanly and the connection
+    /// may carry another.
+    pub fn into_reusable(self) -> Option<(S, BytesMut)> {
+        (self.is_done() && self.keep_alive && self.buf.is_empty()).then_some((self.io, self.buf))
     }
+}
+
+/// Writes every byte of `bufs`, as few writes as the stream takes.
+pub async fn write_all_vectored<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    mut bufs: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = io.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
 }
 
 type Framed = (Body, bool, Vec<[u16; 4]>);
@@ -257,7 +282,14 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         (
-            Exchange::send(a, b"GET / HTTP/1.1\r\n\r\n", head_request).await,
+            Exchange::send(
+                a,
+                BytesMut::new(),
+                b"GET / HTTP/1.1\r\n\r\n",
+                b"",
+                head_request,
+            )
+            .await,
             b,
         )
     }
@@ -332,16 +364,17 @@ mod tests {
     async fn failures_say_whether_a_response_had_started() {
         let (a, b) = duplex(1024);
         drop(b);
-        let r = Exchange::send(a, b"GET / HTTP/1.1\r\n\r\n", false).await;
+        let r = Exchange::send(a, BytesMut::new(), b"GET / HTTP/1.1\r\n\r\n", b"", false).await;
         assert!(matches!(r, Err(ExchangeError::BeforeResponse(_))));
 
         let (a, mut b) = duplex(1024);
         b.write_all(b"HTTP/1.1 200 OK\r\nContent-Le")
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        let (r, _) = tokio::join!(Exchange::send(a, b"GET / HTTP/1.1\r\n\r\n", false), async {
-            drop(b)
-        });
+        let (r, _) = tokio::join!(
+            Exchange::send(a, BytesMut::new(), b"GET / HTTP/1.1\r\n\r\n", b"", false),
+            async { drop(b) }
+        );
         assert!(matches!(r, Err(ExchangeError::Broken(_))), "{:?}", r.err());
 
         let (r, _s) = exchange(
@@ -366,5 +399,37 @@ mod tests {
             }
         }
         assert!(matches!(err, Some(ExchangeError::Broken(_))));
+    }
+
+    #[tokio::test]
+    async fn head_and_body_arrive_whole_through_partial_writes() {
+        // A 64-byte pipe takes every write in small pieces.
+        let (a, mut b) = duplex(64);
+        let head = b"POST /x HTTP/1.1\r\nhost: u\r\ncontent-length: 300\r\n\r\n";
+        let body = vec![b'z'; 300];
+        let server = async {
+            let mut got = Vec::new();
+            let want = head.len() + body.len();
+            let mut chunk = [0u8; 50];
+            while got.len() < want {
+                let n = b.read(&mut chunk).await.unwrap_or_else(|e| panic!("{e}"));
+                assert!(n > 0, "stream ended early");
+                got.extend_from_slice(&chunk[..n]);
+            }
+            b.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            (got, b)
+        };
+        let (r, (got, _b)) = tokio::join!(
+            Exchange::send(a, BytesMut::new(), head, &body, false),
+            server
+        );
+        let (ex, resp) = r.unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(resp.status(), 204);
+        assert_eq!(&got[..head.len()], head);
+        assert_eq!(&got[head.len()..], &body[..]);
+        let (_, buf) = ex.into_reusable().unwrap_or_else(|| panic!("not reusable"));
+        assert!(buf.is_empty());
     }
 }

@@ -100,6 +100,23 @@ pub struct Request {
 }
 
 impl Request {
+    /// Parses a complete request head (bytes after it are ignored), refusing what
+    /// [`Conn::next_request`] refuses. For tools and tests; connections parse in place.
+    pub fn parse(head: Bytes) -> Result<Request, Refusal> {
+        let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut hdrs);
+        match req.parse(&head) {
+            Ok(httparse::Status::Complete(n)) if n <= u16::MAX as usize => {
+                let (mut r, _) = lower(&req, head.as_ptr() as usize)?;
+                r.head = head.slice(..n);
+                Ok(r)
+            }
+            Ok(httparse::Status::Complete(_)) => Err(Refusal::new(431, "request head too long")),
+            Ok(httparse::Status::Partial) => Err(Refusal::new(400, "incomplete request head")),
+            Err(e) => Err(Refusal::new(400, format!("malformed request head: {e}"))),
+        }
+    }
+
     fn slice(&self, (a, b): (u16, u16)) -> &[u8] {
         self.head.get(a as usize..b as usize).unwrap_or_default()
     }
@@ -659,7 +676,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+/// Appends `n` in decimal.
+pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut tmp = [0u8; 20];
     let mut i = tmp.len();
     loop {
