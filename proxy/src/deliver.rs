@@ -39,17 +39,37 @@ pub enum Failure {
     InFlightFull,
 }
 
+/// Every delivery result as a metric label: `ok`, then each [`Failure::reason`].
+pub const RESULTS: [&str; 7] = [
+    "ok",
+    "refused",
+    "timeout",
+    "status",
+    "broken",
+    "skipped",
+    "in_flight_full",
+];
+
+/// The index of a delivery result in [`RESULTS`].
+pub fn result_index<T>(r: &Result<T, Failure>) -> usize {
+    r.as_ref().map_or_else(Failure::index, |_| 0)
+}
+
 impl Failure {
+    fn index(&self) -> usize {
+        match self {
+            Failure::Refused(_) => 1,
+            Failure::Timeout => 2,
+            Failure::Status(_) => 3,
+            Failure::Broken(_) => 4,
+            Failure::Skipped => 5,
+            Failure::InFlightFull => 6,
+        }
+    }
+
     /// A small fixed vocabulary, usable as a metric label.
     pub fn reason(&self) -> &'static str {
-        match self {
-            Failure::Refused(_) => "refused",
-            Failure::Timeout => "timeout",
-            Failure::Status(_) => "status",
-            Failure::Broken(_) => "broken",
-            Failure::Skipped => "skipped",
-            Failure::InFlightFull => "in_flight_full",
-        }
+        RESULTS[self.index()]
     }
 
     /// Worth another attempt (connect errors, timeouts, 5xx, broken exchanges).
@@ -101,7 +121,7 @@ where
         match attempt(n).await {
             Err(f) if f.retryable() && n < retries => {
                 n += 1;
-                pingora_timeout::sleep(backoff).await;
+                tokio::time::sleep(backoff).await;
                 backoff = backoff.saturating_mul(2);
             }
             other => return other,
@@ -277,7 +297,7 @@ impl Deliverer {
         req: Request<'_>,
         timeout: Duration,
     ) -> Result<u16, Failure> {
-        let status = pingora_timeout::timeout(timeout, async {
+        let status = tokio::time::timeout(timeout, async {
             let (mut ex, resp) = self.start(addr, req).await?;
             loop {
                 match ex.piece().await {
@@ -308,7 +328,7 @@ impl Deliverer {
         timeout: Duration,
         max_body: usize,
     ) -> Result<Fetched, Failure> {
-        pingora_timeout::timeout(timeout, async {
+        tokio::time::timeout(timeout, async {
             let (mut ex, resp) = self.start(addr, req).await?;
             let status = resp.status();
             let headers = resp

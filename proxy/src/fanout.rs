@@ -2,17 +2,24 @@
 
 use bytes::Bytes;
 use multihub_filters::forward::Outbound;
-use multihub_filters::{Upstream, UpstreamKind};
 use multihub_protocol::routes::Order;
 use std::time::Instant;
 use tokio::sync::Semaphore;
 
-use crate::deliver::{retrying, Failure, Request};
+use crate::deliver::{result_index, retrying, Failure, Request};
 use crate::metrics::DropReason;
 use crate::state::{Engine, HubTable};
 
 /// One delivery outcome: upstream index and result (a 2xx status on success).
 pub type Outcome = (usize, std::result::Result<u16, Failure>);
+
+/// Counts a delivery of route `route` to upstream `i` that was not attempted because no slot
+/// was free.
+pub fn count_dropped(engine: &Engine, t: &HubTable, route: usize, i: usize) {
+    engine.metrics.drop(DropReason::InFlightFull);
+    let full = result_index::<()>(&Err(Failure::InFlightFull));
+    t.count_delivery(&engine.metrics, route, i, full);
+}
 
 /// One request's deliveries: everything but the upstream index.
 pub struct Job<'a> {
@@ -35,24 +42,33 @@ pub struct Job<'a> {
 impl Job<'_> {
     /// Delivers to upstream `i` under the in-flight bound.
     pub async fn deliver_one(&self, i: usize) -> Outcome {
-        let (engine, t) = (self.engine, self.t);
-        let Some(up) = t.table.upstream(i) else {
+        let Some(up) = self.t.table.upstream(i) else {
             return (i, Err(Failure::Broken("unknown upstream".into())));
         };
         let permit = if self.wait {
-            match pingora_timeout::timeout(up.timeout, self.slots.acquire()).await {
+            match tokio::time::timeout(up.timeout, self.slots.acquire()).await {
                 Ok(Ok(p)) => p,
                 _ => return (i, Err(Failure::InFlightFull)),
             }
         } else {
             match self.slots.try_acquire() {
                 Ok(p) => p,
-                Err(_) => {
-                    engine.metrics.drop(DropReason::InFlightFull);
-                    self.record(i, up, &Err(Failure::InFlightFull));
-                    return (i, Err(Failure::InFlightFull));
-                }
+                Err(_) => return self.dropped(i),
             }
+        };
+        self.deliver_held(i, permit).await
+    }
+
+    fn dropped(&self, i: usize) -> Outcome {
+        count_dropped(self.engine, self.t, self.route_index, i);
+        (i, Err(Failure::InFlightFull))
+    }
+
+    /// Delivers to upstream `i` under the slot `permit`, released when the delivery ends.
+    pub async fn deliver_held<P>(&self, i: usize, permit: P) -> Outcome {
+        let (engine, t) = (self.engine, self.t);
+        let Some(up) = t.table.upstream(i) else {
+            return (i, Err(Failure::Broken("unknown upstream".into())));
         };
         let head = self.out.head(up);
         let req = Request {
@@ -74,33 +90,14 @@ impl Job<'_> {
         if result.is_err() && self.retries > 0 {
             engine.metrics.drop(DropReason::RetriesExhausted);
         }
-        self.record(i, up, &result);
+        self.record(i, &result);
         (i, result)
     }
 
     /// `hub_deliveries_total` (and `hub_relays_total` for peers).
-    fn record(&self, i: usize, up: &Upstream, r: &std::result::Result<u16, Failure>) {
-        let m = &self.engine.metrics;
-        // The common case uses the handle resolved when the table was loaded.
-        let ok = self
-            .t
-            .delivered_ok
-            .get(self.route_index)
-            .and_then(|v| v.get(i));
-        match (r, ok) {
-            (Ok(_), Some(c)) => c.inc(),
-            _ => {
-                let result = r.as_ref().map_or_else(Failure::reason, |_| "ok");
-                m.deliveries
-                    .with_label_values(&[self.route, up.id.as_str(), result])
-                    .inc();
-            }
-        }
-        if up.kind == UpstreamKind::Peer {
-            m.relays
-                .with_label_values(&[up.id.as_str(), if r.is_ok() { "ok" } else { "failed" }])
-                .inc();
-        }
+    fn record(&self, i: usize, r: &std::result::Result<u16, Failure>) {
+        self.t
+            .count_delivery(&self.engine.metrics, self.route_index, i, result_index(r));
     }
 
     /// Delivers to every upstream in `list` (targets, then relays), in parallel or in sequence.
@@ -115,9 +112,7 @@ impl Job<'_> {
                 for &i in list {
                     if broken {
                         self.engine.metrics.drop(DropReason::SequenceBroken);
-                        if let Some(up) = self.t.table.upstream(i) {
-                            self.record(i, up, &Err(Failure::Skipped));
-                        }
+                        self.record(i, &Err(Failure::Skipped));
                         out.push((i, Err(Failure::Skipped)));
                         continue;
                     }

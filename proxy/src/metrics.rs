@@ -17,6 +17,8 @@ pub struct Metrics {
     pub deliveries_in_flight: IntGauge,
     pub deliveries_in_flight_bound: IntGauge,
     pub dropped: IntCounterVec,
+    /// `dropped` per [`DropReason`], resolved once.
+    dropped_by: [IntCounter; 5],
     pub relays: IntCounterVec,
     pub relays_suppressed: IntCounterVec,
     pub reloads: IntCounterVec,
@@ -37,6 +39,14 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    const ALL: [DropReason; 5] = [
+        DropReason::InFlightFull,
+        DropReason::RetriesExhausted,
+        DropReason::SequenceBroken,
+        DropReason::CopyTooLarge,
+        DropReason::Shutdown,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::InFlightFull => "in_flight_full",
@@ -119,7 +129,15 @@ impl Metrics {
             "Unix time of the last successful table load.",
         )?;
         r.register(Box::new(last_reload_success.clone()))?;
+        let dropped = counter(
+            &r,
+            "hub_deliveries_dropped_total",
+            "Deliveries given up or not attempted, by reason.",
+            &["reason"],
+        )?;
         Ok(Metrics {
+            dropped_by: DropReason::ALL.map(|d| dropped.with_label_values(&[d.as_str()])),
+            dropped,
             requests: counter(
                 &r,
                 "hub_requests_total",
@@ -143,12 +161,6 @@ impl Metrics {
                 "hub_delivery_duration_seconds",
                 "Duration of one delivery (all attempts).",
                 &["target"],
-            )?,
-            dropped: counter(
-                &r,
-                "hub_deliveries_dropped_total",
-                "Deliveries given up or not attempted, by reason.",
-                &["reason"],
             )?,
             relays: counter(
                 &r,
@@ -197,7 +209,7 @@ impl Metrics {
     }
 
     pub fn drop(&self, reason: DropReason) {
-        self.dropped.with_label_values(&[reason.as_str()]).inc();
+        self.dropped_by[reason as usize].inc();
     }
 
     /// Prometheus text exposition.

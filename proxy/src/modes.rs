@@ -14,7 +14,7 @@ use serde::Serialize;
 use std::sync::Arc;
 
 use crate::deliver::{Failure, Fetched, Request};
-use crate::fanout::{Job, Outcome};
+use crate::fanout::{count_dropped, Job, Outcome};
 use crate::hub::{stamp, Ctx, Downstream, Hub};
 use crate::metrics::DropReason;
 use crate::state::{Busy, HubTable};
@@ -198,8 +198,7 @@ impl Hub {
         let mut last = Failure::Timeout;
         let mut started = None;
         for _ in 0..attempts {
-            match pingora_timeout::timeout(up.timeout, self.engine.deliverer.start(up.addr, req))
-                .await
+            match tokio::time::timeout(up.timeout, self.engine.deliverer.start(up.addr, req)).await
             {
                 Ok(Ok(s)) => {
                     started = Some(s);
@@ -274,7 +273,7 @@ impl Hub {
             return Ok(());
         }
         loop {
-            let piece = match pingora_timeout::timeout(up.timeout, up_session.piece()).await {
+            let piece = match tokio::time::timeout(up.timeout, up_session.piece()).await {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
                     return Error::e_explain(ErrorType::ReadError, format!("primary body: {e:?}"))
@@ -301,7 +300,8 @@ impl Hub {
     /// Delivers `list` in the background; never waits for a slot (none free = dropped and
     /// counted). `Bound::Hub` counts against `hub.max_in_flight` and retries (`accept` +
     /// `async`); `Bound::Copies` against the route's `copies.max_in_flight`, one attempt
-    /// (`proxy` copies).
+    /// (`proxy` copies). Parallel deliveries take their slots before anything is spawned, so
+    /// work beyond the bound (a slow copy target) costs no task, no head and no wake-up.
     fn spawn_background(
         &self,
         t: &Arc<HubTable>,
@@ -311,6 +311,33 @@ impl Hub {
         list: Vec<usize>,
         bound: Bound,
     ) {
+        let Some(r) = t.table.routes.get(route) else {
+            return;
+        };
+        let (slots, retries, order) = match bound {
+            Bound::Hub => (
+                self.engine.in_flight.shared(),
+                t.table.hub.async_retries,
+                r.order,
+            ),
+            Bound::Copies => match t.copy_slots.get(route) {
+                Some(s) => (s.clone(), 0, Order::Parallel),
+                None => return,
+            },
+        };
+        let mut admitted = Vec::new();
+        if order == Order::Parallel {
+            admitted.reserve(list.len());
+            for &i in &list {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => admitted.push((i, p)),
+                    Err(_) => count_dropped(&self.engine, t, route, i),
+                }
+            }
+            if admitted.is_empty() {
+                return;
+            }
+        }
         let engine = self.engine.clone();
         let t = t.clone();
         let busy = Busy::background(&engine);
@@ -319,17 +346,6 @@ impl Hub {
             let Some(r) = t.table.routes.get(route) else {
                 return;
             };
-            let (slots, retries, order) = match bound {
-                Bound::Hub => (
-                    engine.in_flight.semaphore(),
-                    t.table.hub.async_retries,
-                    r.order,
-                ),
-                Bound::Copies => match t.copy_slots.get(route) {
-                    Some(s) => (s, 0, Order::Parallel),
-                    None => return,
-                },
-            };
             let job = Job {
                 engine: &engine,
                 route: &r.id,
@@ -337,11 +353,17 @@ impl Hub {
                 t: &t,
                 out: &out,
                 body: &body,
-                slots,
+                slots: &slots,
                 wait: false,
                 retries,
             };
-            for (i, r) in job.deliver_all(order, &list).await {
+            let results = if admitted.is_empty() {
+                job.deliver_all(order, &list).await
+            } else {
+                futures::future::join_all(admitted.into_iter().map(|(i, p)| job.deliver_held(i, p)))
+                    .await
+            };
+            for (i, r) in results {
                 if let Err(f) = r {
                     let id = t.table.upstream(i).map(|u| u.id.as_str()).unwrap_or("?");
                     log::debug!("background delivery to {id} failed: {f}");
@@ -372,7 +394,7 @@ impl Hub {
                 };
                 let wait = up.timeout.min(route.timeout);
                 let Ok(Ok(_permit)) =
-                    pingora_timeout::timeout(wait, engine.in_flight.semaphore().acquire()).await
+                    tokio::time::timeout(wait, engine.in_flight.semaphore().acquire()).await
                 else {
                     return (i, Err(Failure::InFlightFull));
                 };

@@ -8,11 +8,12 @@ use multihub_filters::RoutingTable;
 use prometheus::{Histogram, IntCounter};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Semaphore;
 
-use crate::deliver::Deliverer;
+use crate::deliver::{Deliverer, RESULTS};
 use crate::metrics::{Metrics, RouteMetrics};
 
 /// How long an upstream that refused or timed out is skipped by `select: {"count": N}`.
@@ -22,15 +23,18 @@ const DOWN_FOR: Duration = Duration::from_secs(2);
 pub struct HubTable {
     pub table: RoutingTable,
     /// Per route: the bound on its `proxy` copies in flight.
-    pub copy_slots: Vec<Semaphore>,
+    pub copy_slots: Vec<Arc<Semaphore>>,
     /// Per route: request metrics.
     pub route_metrics: Vec<RouteMetrics>,
     /// Requests answered before a route was known (404, 400, ...).
     pub unrouted_metrics: RouteMetrics,
     /// Per upstream: delivery duration.
     pub delivery_duration: Vec<Histogram>,
-    /// Per route, per upstream: `hub_deliveries_total{result="ok"}`.
-    pub delivered_ok: Vec<Vec<IntCounter>>,
+    /// Per route, per upstream, per result (`deliver::RESULTS`): `hub_deliveries_total`,
+    /// `ok` resolved at load, the others on first use (no series for results never seen).
+    deliveries: Vec<Vec<[OnceLock<IntCounter>; 7]>>,
+    /// Per upstream: `hub_relays_total{result="ok"|"failed"}` (peers only), on first use.
+    relays: Vec<[OnceLock<IntCounter>; 2]>,
     /// Per upstream: milliseconds since `epoch` until which it is considered down.
     down_until: Vec<AtomicU64>,
     epoch: Instant,
@@ -46,7 +50,7 @@ impl HubTable {
         let copy_slots = table
             .routes
             .iter()
-            .map(|r| Semaphore::new(r.copy_max_in_flight))
+            .map(|r| Arc::new(Semaphore::new(r.copy_max_in_flight)))
             .collect();
         let route_metrics = table
             .routes
@@ -62,7 +66,7 @@ impl HubTable {
                     .with_label_values(&[u.id.as_str()])
             })
             .collect();
-        let delivered_ok = table
+        let deliveries = table
             .routes
             .iter()
             .map(|r| {
@@ -70,15 +74,21 @@ impl HubTable {
                     .upstreams
                     .iter()
                     .map(|u| {
-                        metrics
-                            .deliveries
-                            .with_label_values(&[r.id.as_str(), u.id.as_str(), "ok"])
+                        let c: [OnceLock<IntCounter>; 7] = Default::default();
+                        let _ = c[0].set(metrics.deliveries.with_label_values(&[
+                            r.id.as_str(),
+                            u.id.as_str(),
+                            RESULTS[0],
+                        ]));
+                        c
                     })
                     .collect()
             })
             .collect();
+        let relays = table.upstreams.iter().map(|_| Default::default()).collect();
         HubTable {
-            delivered_ok,
+            deliveries,
+            relays,
             copy_slots,
             route_metrics,
             unrouted_metrics: metrics.route("", "none"),
@@ -89,6 +99,40 @@ impl HubTable {
             sha256: loaded.sha256,
             loaded_at: SystemTime::now(),
             table,
+        }
+    }
+
+    /// Counts one delivery of route `route` to upstream `i` with result `result` (an index
+    /// into `deliver::RESULTS`), and the relay result for peers.
+    pub fn count_delivery(&self, metrics: &Metrics, route: usize, i: usize, result: usize) {
+        let (Some(r), Some(up)) = (self.table.routes.get(route), self.table.upstream(i)) else {
+            return;
+        };
+        if let Some(c) = self
+            .deliveries
+            .get(route)
+            .and_then(|v| v.get(i))
+            .and_then(|c| c.get(result))
+        {
+            c.get_or_init(|| {
+                metrics.deliveries.with_label_values(&[
+                    r.id.as_str(),
+                    up.id.as_str(),
+                    RESULTS[result],
+                ])
+            })
+            .inc();
+        }
+        if up.kind == multihub_filters::UpstreamKind::Peer {
+            let failed = usize::from(result != 0);
+            if let Some(c) = self.relays.get(i).and_then(|c| c.get(failed)) {
+                c.get_or_init(|| {
+                    metrics
+                        .relays
+                        .with_label_values(&[up.id.as_str(), ["ok", "failed"][failed]])
+                })
+                .inc();
+            }
         }
     }
 

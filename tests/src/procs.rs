@@ -160,6 +160,20 @@ impl HubProc {
         Self::start_on(free_port(), routes, extra).await
     }
 
+    /// The value of the first `/metrics` sample line starting with `name_and_labels`
+    /// (0 when absent).
+    pub async fn metric(&self, name_and_labels: &str) -> f64 {
+        let text = crate::http::request(&self.admin, "GET", "/metrics", &[], b"")
+            .await
+            .map(|r| String::from_utf8_lossy(r.body()).into_owned())
+            .unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with(name_and_labels))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// Spawns without waiting for readiness.
     pub fn spawn(port: u16, admin_port: u16, routes: &Path, extra: &[&str]) -> HubProc {
         let dir = TempDir::new("hub");

@@ -4,7 +4,8 @@
 use base64::Engine as _;
 use multihub_tests::http::{request, Conn};
 use multihub_tests::{
-    eventually, free_port, sha256_hex, Behaviour, HubProc, Recorder, TempDir, DOWN_URL,
+    eventually, eventually_async, free_port, sha256_hex, Behaviour, HubProc, Recorder, TempDir,
+    DOWN_URL,
 };
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -219,6 +220,53 @@ async fn proxy_primary_down_is_502_and_copy_over_cap_is_skipped() {
     assert_eq!(r.status, 200);
     eventually("the small copy", WAIT, || (copy.count() == 2).then_some(())).await;
     assert_eq!(copy.requests()[1].body, b"tiny");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_beyond_the_bound_are_dropped_and_counted_before_any_work() {
+    let primary = Recorder::start(Behaviour::Status(200)).await;
+    let stuck = Recorder::start(Behaviour::Gated).await;
+    let (hub, _d) = start(
+        &[("p", primary.url()), ("stuck", stuck.url())],
+        json!([{ "id": "px", "match": { "path_prefix": "/" }, "targets": ["p", "stuck"], "respond": "proxy",
+                 "copies": { "max_in_flight": 1 } }]),
+    )
+    .await;
+    for i in 0..3 {
+        let r = request(&hub.addr, "POST", "/x", &[], b"x")
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(r.status, 200, "the primary answers whatever the copies do");
+    }
+    // The first copy holds the only slot (its target never answers); the other two were
+    // refused before anything was sent, and counted when their requests were answered.
+    assert_eq!(
+        hub.metric("hub_deliveries_dropped_total{reason=\"in_flight_full\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        hub.metric("hub_deliveries_total{result=\"in_flight_full\",route=\"px\",target=\"stuck\"}")
+            .await,
+        2.0
+    );
+    eventually("the admitted copy", WAIT, || {
+        (stuck.count() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(primary.count(), 3);
+    stuck.open_gate();
+    // With the slot back (it is counted as delivered only once free), the next copy goes out.
+    eventually_async("the held copy delivered", WAIT, || async {
+        let ok = "hub_deliveries_total{result=\"ok\",route=\"px\",target=\"stuck\"}";
+        (hub.metric(ok).await == 1.0).then_some(())
+    })
+    .await;
+    let r = request(&hub.addr, "POST", "/x", &[], b"y")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status, 200);
+    eventually("the next copy", WAIT, || (stuck.count() == 2).then_some(())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

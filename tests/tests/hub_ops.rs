@@ -38,15 +38,7 @@ fn activate(dir: &Path, v: &str) {
 }
 
 async fn metric(hub: &HubProc, name_and_labels: &str) -> f64 {
-    let text = request(&hub.admin, "GET", "/metrics", &[], b"")
-        .await
-        .map(|r| String::from_utf8_lossy(r.body()).into_owned())
-        .unwrap_or_default();
-    text.lines()
-        .find(|l| l.starts_with(name_and_labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    hub.metric(name_and_labels).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
