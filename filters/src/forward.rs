@@ -2,13 +2,13 @@
 //! the upstream request head on the wire format, built once per request.
 
 use http::Method;
-use multihub_protocol::hashing::{binding_hex, repr_of};
+use multihub_protocol::hashing::{binding_bytes, repr_bytes};
 use multihub_protocol::headers::{self as h, HOP_BY_HOP, HUB_PREFIX};
 use multihub_protocol::http1::push_decimal;
 
 use crate::headers::Headers;
 use crate::plan::Plan;
-use crate::table::{RoutingTable, Upstream};
+use crate::table::{HubSettings, Route, RoutingTable, Upstream};
 
 /// Names listed in the requester's `Connection` header (also hop-by-hop), as sent.
 pub fn connection_tokens<H: Headers + ?Sized>(headers: &H) -> Vec<&[u8]> {
@@ -59,6 +59,22 @@ fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// The hub fields that are the same on every copy a route sends (`x-hub-id`, `x-hub-route`,
+/// `x-hub-route-version`, `x-hub-outcome-url`), on the wire format: built once per table
+/// version into [`Route::hub_fields`].
+pub fn route_fields(hub: &HubSettings, version: &[u8], route: &Route) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160);
+    for (name, value) in [
+        (h::HUB_ID, hub.id_header.as_bytes()),
+        (h::HUB_ROUTE, route.id_header.as_bytes()),
+        (h::HUB_ROUTE_VERSION, version),
+        (h::HUB_OUTCOME_URL, hub.outcome_url_header.as_bytes()),
+    ] {
+        field(&mut out, name.as_bytes(), value);
+    }
+    out
+}
+
 impl Outbound {
     /// `target`: path and query of the request; `headers`: the requester's fields; `body`:
     /// the whole body (hashed into `x-hub-request-repr` and `x-hub-binding`).
@@ -77,29 +93,24 @@ impl Outbound {
                 field(&mut fields, name, value);
             }
         }
-        let repr = repr_of(body);
-        let binding = binding_hex(repr.as_str(), plan.inbound.context.as_bytes());
-        let route = &table.routes[plan.route];
-        let mut hops = Vec::with_capacity(10);
-        push_decimal(&mut hops, u64::from(plan.relay.hops_out));
-        let mut length = Vec::with_capacity(20);
-        push_decimal(&mut length, body.len() as u64);
+        let repr = repr_bytes(body);
+        let binding = binding_bytes(&repr, plan.inbound.context.as_bytes());
+        fields.extend_from_slice(&table.routes[plan.route].hub_fields);
         for (name, value) in [
             (h::REQUEST_ID, plan.inbound.request_id.as_bytes()),
-            (h::HUB_ID, table.hub.id_header.as_bytes()),
-            (h::HUB_ROUTE, route.id_header.as_bytes()),
-            (h::HUB_ROUTE_VERSION, table.version_header.as_bytes()),
-            (h::HUB_REQUEST_REPR, repr.as_str().as_bytes()),
+            (h::HUB_REQUEST_REPR, &repr[..]),
             (h::HUB_CONTEXT, plan.inbound.context.as_bytes()),
-            (h::HUB_BINDING, binding.as_bytes()),
+            (h::HUB_BINDING, &binding[..]),
             (h::HUB_PATH, plan.relay.path_out.as_bytes()),
-            (h::HUB_HOPS, &hops),
-            (h::HUB_OUTCOME_URL, table.hub.outcome_url_header.as_bytes()),
-            ("content-length", &length),
         ] {
             field(&mut fields, name.as_bytes(), value);
         }
-        fields.extend_from_slice(b"\r\n");
+        fields.extend_from_slice(h::HUB_HOPS.as_bytes());
+        fields.extend_from_slice(b": ");
+        push_decimal(&mut fields, u64::from(plan.relay.hops_out));
+        fields.extend_from_slice(b"\r\ncontent-length: ");
+        push_decimal(&mut fields, body.len() as u64);
+        fields.extend_from_slice(b"\r\n\r\n");
         Outbound {
             method: method.clone(),
             target: target.to_owned(),
@@ -160,6 +171,7 @@ mod tests {
     use crate::plan::{plan, RequestView};
     use crate::table::{load_bytes, tests::sample};
     use bytes::Bytes;
+    use multihub_protocol::hashing::{binding_hex, repr_of};
     use multihub_protocol::http1::Request;
 
     #[test]

@@ -83,7 +83,7 @@ pub fn inbound<H: Headers + ?Sized>(headers: &H) -> Result<Inbound, Reject> {
             let id = generate_request_id();
             // A generated id is hex, always a valid header value.
             (
-                HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0")),
+                HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0")),
                 true,
             )
         }

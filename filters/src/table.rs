@@ -154,6 +154,9 @@ pub struct Route {
     pub copy_max_in_flight: usize,
     /// `proxy`: largest body copied.
     pub copy_max_body_bytes: u64,
+    /// The hub fields every copy this route sends carries unchanged, on the wire format
+    /// ([`crate::forward::route_fields`]).
+    pub hub_fields: Vec<u8>,
 }
 
 /// Largest accepted `hub.max_in_flight`, `hub.outcome_queue` and `copies.max_in_flight`
@@ -525,6 +528,7 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
             max_response_bytes: usize::try_from(r.max_response_bytes).unwrap_or(usize::MAX),
             copy_max_in_flight: r.copies.max_in_flight,
             copy_max_body_bytes: r.copies.max_body_bytes.unwrap_or(h.max_body_bytes),
+            hub_fields: Vec::new(),
         });
     }
 
@@ -533,6 +537,9 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
     }
     // Longest prefix first; stable sort keeps file order among equals.
     routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
+    for r in &mut routes {
+        r.hub_fields = crate::forward::route_fields(&hub, version_header.as_bytes(), r);
+    }
     Ok(RoutingTable {
         version: file.version.clone(),
         version_header,

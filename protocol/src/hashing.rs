@@ -38,6 +38,39 @@ pub fn unhex32(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// Lower-case hex of `bytes` into `out` (two digits per byte, as many as `out` holds).
+pub fn hex_to(out: &mut [u8], bytes: &[u8]) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0x0f)];
+    }
+}
+
+/// Lower-case hex of 32 bytes.
+pub fn hex32(bytes: &[u8; 32]) -> [u8; 64] {
+    let mut out = [0u8; 64];
+    hex_to(&mut out, bytes);
+    out
+}
+
+/// `sha256=<64 hex>` of a body, as the bytes `x-hub-request-repr` carries.
+pub fn repr_bytes(body: &[u8]) -> [u8; 71] {
+    let mut out = [0u8; 71];
+    out[..7].copy_from_slice(b"sha256=");
+    out[7..].copy_from_slice(&hex32(&Sha256::digest(body).into()));
+    out
+}
+
+/// `x-hub-binding` for a repr (its bytes) and a context, as 64 hex bytes.
+pub fn binding_bytes(repr: &[u8], context: &[u8]) -> [u8; 64] {
+    let mut h = Sha256::new();
+    h.update(b"multihub-bind-v1\n");
+    h.update(repr);
+    h.update(b"\n");
+    h.update(context);
+    hex32(&h.finalize().into())
+}
+
 /// Lower-case hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(64);
@@ -47,22 +80,12 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// The representation of a body: `sha256=` + hex sha256 of the exact bytes.
 pub fn repr_of(body: &[u8]) -> Repr {
-    let mut s = String::with_capacity(7 + 64);
-    s.push_str("sha256=");
-    hex_into(&mut s, &Sha256::digest(body));
-    Repr(s)
+    Repr(String::from_utf8_lossy(&repr_bytes(body)).into_owned())
 }
 
 /// `x-hub-binding`: hex `sha256("multihub-bind-v1\n" + repr + "\n" + context)`.
 pub fn binding_hex(repr: &str, context: &[u8]) -> String {
-    let mut h = Sha256::new();
-    h.update(b"multihub-bind-v1\n");
-    h.update(repr.as_bytes());
-    h.update(b"\n");
-    h.update(context);
-    let mut s = String::with_capacity(64);
-    hex_into(&mut s, &h.finalize());
-    s
+    String::from_utf8_lossy(&binding_bytes(repr.as_bytes(), context)).into_owned()
 }
 
 /// DESIGN §6: `operation = hex sha256("multihub-op-v1\n" + request_id + "\n" + request_repr)`.

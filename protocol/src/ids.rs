@@ -46,11 +46,11 @@ pub fn validate_hub_id(s: &str) -> Result<(), IdError> {
 }
 
 /// A fresh 128-bit request id, 32 lower-case hex digits.
-pub fn generate_request_id() -> String {
-    let v: u128 = rand::random();
-    let mut s = String::with_capacity(32);
-    crate::hashing::hex_into(&mut s, &v.to_be_bytes());
-    s
+pub fn generate_request_id() -> [u8; 32] {
+    let v: [u8; 16] = rand::random();
+    let mut out = [0u8; 32];
+    crate::hashing::hex_to(&mut out, &v);
+    out
 }
 
 #[cfg(test)]
@@ -78,7 +78,7 @@ mod tests {
         let a = generate_request_id();
         let b = generate_request_id();
         assert_eq!(a.len(), 32);
-        assert!(validate_request_id(a.as_bytes()).is_ok());
+        assert!(validate_request_id(&a).is_ok());
         assert_ne!(a, b);
     }
 }

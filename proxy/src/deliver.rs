@@ -17,6 +17,7 @@ use multihub_protocol::http1::client::{Exchange, ExchangeError, ResponseHead};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -146,14 +147,54 @@ pub struct Link {
 /// a fresh connection. At most `cap` connections idle per upstream; beyond that the oldest is
 /// closed.
 pub struct Pool {
-    idle: Mutex<HashMap<SocketAddr, VecDeque<(Link, Instant)>>>,
+    idle: Mutex<IdleLinks>,
     cap: usize,
+}
+
+/// Per upstream address: idle connections with the time each was put back, oldest first.
+type IdleLinks = HashMap<SocketAddr, VecDeque<(Link, Instant)>, BuildHasherDefault<AddrHasher>>;
+
+/// The pool's hasher: its keys are upstream addresses from the routing table, not requester
+/// input, so a multiply-rotate mix does (SipHash cost more than the lookup it guards).
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 impl Pool {
     pub fn new(cap: usize) -> Pool {
         Pool {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::default()),
             cap,
         }
     }
@@ -176,19 +217,20 @@ impl Pool {
         if !quiet(&link.io) {
             return;
         }
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(addr).or_default();
         // Expired connections sit at the front (oldest first).
         while list
             .front()
-            .is_some_and(|(_, since)| since.elapsed() >= IDLE_TIMEOUT)
+            .is_some_and(|(_, since)| now.saturating_duration_since(*since) >= IDLE_TIMEOUT)
         {
             list.pop_front();
         }
         if list.len() >= self.cap {
             list.pop_front();
         }
-        list.push_back((link, Instant::now()));
+        list.push_back((link, now));
     }
 
     /// How many connections idle for `addr`.
