@@ -41,7 +41,7 @@ impl Reloader {
                 let current = self.tables.load();
                 if l.sha256 == current.sha256 && l.file == current.file {
                     m.reloads.with_label_values(&["unchanged"]).inc();
-                    log::info!(
+                    log::debug!(
                         "routing table reload ({why}): {} unchanged",
                         current.table.version
                     );
@@ -106,6 +106,28 @@ pub(crate) fn activated(m: &Metrics, version: &str) {
     );
 }
 
+/// Whether a file event concerns the routing table: in a routes directory, the `active` pointer
+/// or a `*.json` version; beside a single table file, that file. Anything else in the same
+/// directory (logs, temporary files of a sync, the hub's own output) is ignored, so a busy
+/// neighbour never causes reloads.
+fn concerns_table(routes: &Path, is_dir: bool, ev: &Event) -> bool {
+    if matches!(ev.kind, EventKind::Access(_)) {
+        return false;
+    }
+    let table_name = (!is_dir).then(|| routes.file_name()).flatten();
+    ev.paths.iter().any(|p| {
+        let Some(name) = p.file_name() else {
+            return false;
+        };
+        match table_name {
+            Some(t) => name == t,
+            None => {
+                name == ACTIVE_POINTER || Path::new(name).extension().is_some_and(|e| e == "json")
+            }
+        }
+    })
+}
+
 #[async_trait]
 impl BackgroundService for Reloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -118,9 +140,10 @@ impl BackgroundService for Reloader {
                 .unwrap_or_else(|| PathBuf::from("."))
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let (routes, is_dir) = (self.routes.clone(), self.routes.is_dir());
         let watcher = notify::recommended_watcher(move |res: notify::Result<Event>| {
             if let Ok(ev) = res {
-                if !matches!(ev.kind, EventKind::Access(_)) {
+                if concerns_table(&routes, is_dir, &ev) {
                     // A full channel means a reload is already pending: coalesce.
                     let _ = tx.try_send(());
                 }
@@ -228,4 +251,73 @@ pub fn list(dir: &Path, out: &mut impl std::io::Write) -> Result<(), String> {
         writeln!(out, "{mark} {v}  {status}").map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, ModifyKind};
+
+    fn ev(kind: EventKind, paths: &[&str]) -> Event {
+        let mut e = Event::new(kind);
+        for p in paths {
+            e = e.add_path(PathBuf::from(p));
+        }
+        e
+    }
+
+    #[test]
+    fn only_events_on_the_table_cause_a_reload() {
+        let write = EventKind::Modify(ModifyKind::Any);
+        let create = EventKind::Create(CreateKind::File);
+        let read = EventKind::Access(notify::event::AccessKind::Any);
+        let file = Path::new("/srv/hub/table.json");
+        assert!(concerns_table(
+            file,
+            false,
+            &ev(write, &["/srv/hub/table.json"])
+        ));
+        assert!(!concerns_table(
+            file,
+            false,
+            &ev(write, &["/srv/hub/hub.log"])
+        ));
+        assert!(!concerns_table(
+            file,
+            false,
+            &ev(write, &["/srv/hub/other.json"])
+        ));
+        assert!(!concerns_table(
+            file,
+            false,
+            &ev(read, &["/srv/hub/table.json"])
+        ));
+        // A rename onto the table names it as the destination.
+        assert!(concerns_table(
+            file,
+            false,
+            &ev(write, &["/srv/hub/.table.json.tmp", "/srv/hub/table.json"])
+        ));
+        let dir = Path::new("/srv/hub/routes");
+        assert!(concerns_table(
+            dir,
+            true,
+            &ev(create, &["/srv/hub/routes/active"])
+        ));
+        assert!(concerns_table(
+            dir,
+            true,
+            &ev(create, &["/srv/hub/routes/v2.json"])
+        ));
+        assert!(!concerns_table(
+            dir,
+            true,
+            &ev(create, &["/srv/hub/routes/.active.tmp-7"])
+        ));
+        assert!(!concerns_table(
+            dir,
+            true,
+            &ev(write, &["/srv/hub/routes/notes.txt"])
+        ));
+    }
 }

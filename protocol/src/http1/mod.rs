@@ -16,6 +16,8 @@
 //! fixed-length and chunked (streamed) answers. Idle keep-alive connections close on shutdown.
 
 use bytes::{Buf, Bytes, BytesMut};
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -445,6 +447,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 }
                 let idle = self.limits.idle_timeout;
                 tokio::select! {
+                    // In order: no random branch choice on every poll.
+                    biased;
                     r = fill(&mut self.io, &mut self.buf, Some(idle)) => r,
                     _ = self.shutdown.changed() => return Next::Closed,
                 }
@@ -665,8 +669,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     async fn write_out(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         let io = &mut self.io;
+        // Most answers fit the socket buffer: written and flushed at the first try, with no
+        // timer. Only a write that has to wait is bounded by the I/O timeout.
+        let mut done = 0;
+        let finished = std::future::poll_fn(|cx| loop {
+            let step = if done < bytes.len() {
+                Pin::new(&mut *io).poll_write(cx, &bytes[done..])
+            } else {
+                Pin::new(&mut *io).poll_flush(cx).map_ok(|()| 0)
+            };
+            match step {
+                Poll::Pending => return Poll::Ready(Ok(false)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(_)) if done == bytes.len() => return Poll::Ready(Ok(true)),
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => done += n,
+            }
+        })
+        .await?;
+        if finished {
+            return Ok(());
+        }
+        let rest = &bytes[done..];
         let write = async {
-            io.write_all(bytes).await?;
+            io.write_all(rest).await?;
             io.flush().await
         };
         match tokio::time::timeout(self.limits.io_timeout, write).await {
