@@ -3,7 +3,9 @@
 
 Every scenario runs the same wrk load (same connections, duration, keep-alive) against the hub and
 against the nginx setup that does the same job; each server gets one worker (hub --threads 1,
-nginx worker_processes 1). Prints a table and writes bench/results/latest.json.
+nginx worker_processes 1). The two alternate for --rounds rounds and each row is the run with the
+median rps (this VM's speed drifts by up to 1.5x within minutes). Prints a table and writes
+bench/results/latest.json.
 """
 
 import argparse
@@ -228,14 +230,9 @@ def hub_metric(admin, prefix):
     return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(prefix))
 
 
-def scenario(name, args, bins, ups, slow_port, workdir):
-    """Runs one scenario for both servers; returns two result rows."""
-    rows = []
-    small = wrk_script(workdir, 46)
-    script = wrk_script(workdir, 65536) if name == "body_64k" else small
+def run_hub(name, args, bins, ups, slow_port, workdir, script):
+    """One measured run of the hub for a scenario (processes started and stopped here)."""
     u = {f"u{i}": f"http://127.0.0.1:{p}" for i, p in enumerate(ups, 1)}
-
-    # --- hub ---
     procs = Procs(workdir)
     try:
         extra = {}
@@ -263,11 +260,13 @@ def scenario(name, args, bins, ups, slow_port, workdir):
             time.sleep(0.5)  # let background deliveries settle before reading the counters
             extra["dropped"] = hub_metric(admin, "hub_deliveries_dropped_total")
         res.update(extra)
-        rows.append(dict(res, scenario=name, server="multihub"))
+        return dict(res, scenario=name, server="multihub")
     finally:
         procs.stop()
 
-    # --- nginx ---
+
+def run_nginx(name, args, ups, slow_port, workdir, script):
+    """One measured run of the nginx setup doing the same job."""
     procs = Procs(workdir)
     try:
         port = free_port()
@@ -295,10 +294,28 @@ def scenario(name, args, bins, ups, slow_port, workdir):
         wait_port(port, n)
         pids = [p.pid for p in procs.procs]
         res = measure(pids, port, args, script)
-        rows.append(dict(res, scenario=name, server="nginx"))
+        return dict(res, scenario=name, server="nginx")
     finally:
         procs.stop()
-    return rows
+
+
+def median_run(runs):
+    """The run with the median rps (its latencies and CPU go with it); every round's rps kept."""
+    ordered = sorted(runs, key=lambda r: r["rps"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    row["rps_rounds"] = [round(r["rps"]) for r in runs]
+    return row
+
+
+def scenario(name, args, bins, ups, slow_port, workdir):
+    """Runs one scenario for both servers, alternating them for --rounds rounds (so both see the
+    same phases of a machine whose speed drifts); returns the two median rows."""
+    script = wrk_script(workdir, 65536) if name == "body_64k" else wrk_script(workdir, 46)
+    hub, ngx = [], []
+    for _ in range(args.rounds):
+        hub.append(run_hub(name, args, bins, ups, slow_port, workdir, script))
+        ngx.append(run_nginx(name, args, ups, slow_port, workdir, script))
+    return [median_run(hub), median_run(ngx)]
 
 
 def fmt(v, spec):
@@ -310,6 +327,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="2 s per scenario instead of 6")
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--duration", type=int, default=None, help="seconds per scenario per server (default 6, --quick 2)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating hub/nginx runs per scenario, median reported (default 3, --quick 1)")
     ap.add_argument("--wrk-threads", type=int, default=1)
     ap.add_argument("--hub-threads", type=int, default=1)
     ap.add_argument("--scenarios", default="proxy,fanout3_confirmed,fanout3_async,slow_copy,relay,body_64k")
@@ -319,6 +337,8 @@ def main():
     args = ap.parse_args()
     if args.duration is None:
         args.duration = 2 if args.quick else 6
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
 
     subprocess.run([os.path.join(ROOT, "scripts", "ensure-deps"), "nginx", "wrk"], check=True)
     if not args.no_build:
@@ -364,20 +384,20 @@ def main():
         ref = by.get((r["scenario"], "nginx"))
         r["ratio_vs_nginx"] = r["rps"] / ref["rps"] if ref and ref["rps"] else None
         r.pop("raw", None)
-    header = f"{'scenario':<18} {'server':<9} {'rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/req':>10} {'rss MB':>7} {'errors':>6} {'dropped':>7} {'vs nginx':>8}"
+    header = f"{'scenario':<18} {'server':<9} {'rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/req':>10} {'rss MB':>7} {'errors':>6} {'dropped':>7} {'vs nginx':>8}  rps of each round"
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['scenario']:<18} {r['server']:<9} {r['rps']:>9.0f} {fmt(r['p50_ms'], '7.2f')} {fmt(r['p99_ms'], '7.2f')} "
               f"{r['cpu_us_per_req']:>10.1f} {r['peak_rss_mb']:>7.1f} {r['errors']:>6} {fmt(r.get('dropped'), '7.0f')} "
-              f"{fmt(r['ratio_vs_nginx'], '7.2f')}x")
+              f"{fmt(r['ratio_vs_nginx'], '7.2f')}x  {' '.join(str(x) for x in r.get('rps_rounds', []))}")
     for sv in services:
         print(f"{sv['scenario']:<18} {sv['server']:<9} {sv['rate']:>9.0f} {sv['unit']}  ({sv['command']})")
     meta = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpus": os.cpu_count(),
         "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
-        "connections": args.connections, "duration_s": args.duration, "wrk_threads": args.wrk_threads,
+        "connections": args.connections, "duration_s": args.duration, "rounds": args.rounds, "wrk_threads": args.wrk_threads,
         "hub_threads": args.hub_threads, "nginx_workers": 1,
         "command": " ".join(["bench/run"] + sys.argv[1:]),
     }
