@@ -3,8 +3,9 @@
 use bytes::Bytes;
 use multihub_filters::forward::Outbound;
 use multihub_protocol::routes::Order;
+use std::time::Duration;
 use std::time::Instant;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::deliver::{result_index, retrying, Failure, Request};
 use crate::metrics::DropReason;
@@ -12,6 +13,15 @@ use crate::state::{Engine, HubTable};
 
 /// One delivery outcome: upstream index and result (a 2xx status on success).
 pub type Outcome = (usize, std::result::Result<u16, Failure>);
+
+/// A slot of `slots`, waiting at most `wait` for one to free up. A free slot is taken at once;
+/// only waiting arms a timer.
+pub async fn slot_within(slots: &Semaphore, wait: Duration) -> Option<SemaphorePermit<'_>> {
+    match slots.try_acquire() {
+        Ok(p) => Some(p),
+        Err(_) => tokio::time::timeout(wait, slots.acquire()).await.ok()?.ok(),
+    }
+}
 
 /// Counts a delivery of route `route` to upstream `i` that was not attempted because no slot
 /// was free.
@@ -46,9 +56,9 @@ impl Job<'_> {
             return (i, Err(Failure::Broken("unknown upstream".into())));
         };
         let permit = if self.wait {
-            match tokio::time::timeout(up.timeout, self.slots.acquire()).await {
-                Ok(Ok(p)) => p,
-                _ => return (i, Err(Failure::InFlightFull)),
+            match slot_within(self.slots, up.timeout).await {
+                Some(p) => p,
+                None => return (i, Err(Failure::InFlightFull)),
             }
         } else {
             match self.slots.try_acquire() {

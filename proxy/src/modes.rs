@@ -14,7 +14,7 @@ use serde::Serialize;
 use std::sync::Arc;
 
 use crate::deliver::{Failure, Fetched, Request};
-use crate::fanout::{count_dropped, Job, Outcome};
+use crate::fanout::{count_dropped, slot_within, Job, Outcome};
 use crate::hub::{stamp, Ctx, Downstream, Hub};
 use crate::metrics::DropReason;
 use crate::state::{Busy, HubTable};
@@ -393,9 +393,7 @@ impl Hub {
                     return (i, Err(Failure::Broken("unknown upstream".into())));
                 };
                 let wait = up.timeout.min(route.timeout);
-                let Ok(Ok(_permit)) =
-                    tokio::time::timeout(wait, engine.in_flight.semaphore().acquire()).await
-                else {
+                let Some(_permit) = slot_within(engine.in_flight.semaphore(), wait).await else {
                     return (i, Err(Failure::InFlightFull));
                 };
                 let head = out.head(up);

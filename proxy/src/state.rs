@@ -149,12 +149,17 @@ impl HubTable {
 
     pub fn mark(&self, i: usize, reachable: bool) {
         if let Some(d) = self.down_until.get(i) {
-            let v = if reachable {
-                0
+            if reachable {
+                // The common case writes nothing (no shared cache line dirtied per delivery).
+                if d.load(Ordering::Relaxed) != 0 {
+                    d.store(0, Ordering::Relaxed);
+                }
             } else {
-                self.now_ms() + DOWN_FOR.as_millis() as u64
-            };
-            d.store(v, Ordering::Relaxed);
+                d.store(
+                    self.now_ms() + DOWN_FOR.as_millis() as u64,
+                    Ordering::Relaxed,
+                );
+            }
         }
     }
 }
