@@ -47,6 +47,9 @@ impl BackgroundService for Lifecycle {
                         if up {
                             e.listening.store(true, Ordering::SeqCst);
                             log::info!("ready: proxy listener {} is up", self.listen);
+                            // From now on only the access log's flush is due, once a second.
+                            tick = tokio::time::interval(Duration::from_secs(1));
+                            tick.tick().await;
                         }
                     }
                     if last_flush.elapsed() >= Duration::from_secs(1) {

@@ -263,7 +263,7 @@ impl Hub {
                 .filter(|(k, _)| keep(k)),
         );
         stamp(&mut headers, ctx);
-        if !session.conn.start_answer(status, headers, answer).await {
+        if !session.conn.start_answer(status, &headers, answer).await {
             return Error::e_explain(ErrorType::WriteError, "downstream went away");
         }
         if answer == Answer::NoBody {

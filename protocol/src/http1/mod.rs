@@ -543,14 +543,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Ok(out.freeze())
     }
 
-    /// Starts an answer head in the write buffer: status line, `date`, framing and
-    /// `connection` as needed, then `headers`.
-    fn head<'h>(
-        &mut self,
-        status: u16,
-        headers: impl IntoIterator<Item = (&'h str, &'h [u8])>,
-        framing: AnswerFraming,
-    ) {
+    /// Starts an answer head in the write buffer: status line, `date` (unless `headers` carry
+    /// one), framing and `connection` as needed, then `headers`.
+    fn head(&mut self, status: u16, headers: &[(&str, &[u8])], framing: AnswerFraming) {
         if self.body_unread {
             // The body was not read: the connection cannot carry another request.
             self.keep_alive = false;
@@ -565,9 +560,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         push_decimal(out, status as u64);
         out.push(b' ');
         out.extend_from_slice(reason(status).as_bytes());
-        out.extend_from_slice(b"\r\ndate: ");
-        push_date(out);
         out.extend_from_slice(b"\r\n");
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("date")) {
+            // Date is a singleton: a proxied answer keeps its origin's.
+            out.extend_from_slice(b"date: ");
+            push_date(out);
+            out.extend_from_slice(b"\r\n");
+        }
         match framing {
             AnswerFraming::Length(n) => {
                 out.extend_from_slice(b"content-length: ");
@@ -593,11 +592,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Writes a whole answer in one write. False when the client went away.
     pub async fn respond(&mut self, status: u16, headers: &[(&str, &[u8])], body: &[u8]) -> bool {
-        self.head(
-            status,
-            headers.iter().copied(),
-            AnswerFraming::Length(body.len() as u64),
-        );
+        self.head(status, headers, AnswerFraming::Length(body.len() as u64));
         let mut out = std::mem::take(&mut self.out);
         out.extend_from_slice(body);
         let ok = self.write_out(&out).await.is_ok();
@@ -609,17 +604,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// clients get the stream unframed. False when the client went away.
     pub async fn start_stream(&mut self, status: u16, headers: &[(&str, &[u8])]) -> bool {
         self.keep_alive = false;
-        self.start_answer(status, headers.iter().copied(), Answer::Chunked)
-            .await
+        self.start_answer(status, headers, Answer::Chunked).await
     }
 
     /// Starts an answer whose body follows in [`Conn::stream`] calls and ends with
     /// [`Conn::end_stream`]. `headers` must not carry `content-length` or `transfer-encoding`
     /// unless `answer` is [`Answer::NoBody`]. False when the client went away.
-    pub async fn start_answer<'h>(
+    pub async fn start_answer(
         &mut self,
         status: u16,
-        headers: impl IntoIterator<Item = (&'h str, &'h [u8])>,
+        headers: &[(&str, &[u8])],
         answer: Answer,
     ) -> bool {
         let framing = match answer {
@@ -1134,14 +1128,14 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let _ = request(c.next_request().await);
         assert!(
-            c.start_answer(200, [("x-a", &b"1"[..])], Answer::Length(5))
+            c.start_answer(200, &[("x-a", &b"1"[..])], Answer::Length(5))
                 .await
         );
         assert!(c.stream(b"hel").await && c.stream(b"lo").await && c.end_stream().await);
         assert!(c.keep_alive());
         let _ = request(c.next_request().await);
         let given = [("content-length", &b"5"[..])];
-        assert!(c.start_answer(200, given, Answer::NoBody).await && c.end_stream().await);
+        assert!(c.start_answer(200, &given, Answer::NoBody).await && c.end_stream().await);
         let out = written(c, client).await;
         assert!(
             out.contains("content-length: 5\r\nx-a: 1\r\n\r\nhello"),
@@ -1149,6 +1143,39 @@ mod tests {
         );
         assert!(out.ends_with("\r\ncontent-length: 5\r\n\r\n"), "{out}");
         assert_eq!(out.matches("content-length").count(), 2, "{out}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_has_one_date_its_own_or_the_given_one() {
+        let (mut c, mut client, _tx) = conn();
+        client
+            .write_all(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let _ = request(c.next_request().await);
+        assert!(c.respond(204, &[], b"").await);
+        let _ = request(c.next_request().await);
+        let origin = [("Date", &b"Sun, 06 Nov 1994 08:49:37 GMT"[..])];
+        assert!(c.respond(204, &origin, b"").await);
+        let out = written(c, client).await;
+        let (first, second) = out
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("{out}"));
+        assert_eq!(
+            first.to_ascii_lowercase().matches("date: ").count(),
+            1,
+            "{out}"
+        );
+        assert!(first.contains(" GMT"), "{out}");
+        assert_eq!(
+            second.to_ascii_lowercase().matches("date: ").count(),
+            1,
+            "{out}"
+        );
+        assert!(
+            second.contains("Date: Sun, 06 Nov 1994 08:49:37 GMT"),
+            "{out}"
+        );
     }
 
     #[tokio::test]
