@@ -8,6 +8,7 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Method};
 use multihub_filters::forward::Outbound;
 use multihub_filters::{plan, Headers, Plan, Reject, RequestView};
@@ -18,7 +19,6 @@ use pingora_core::apps::ServerApp;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use pingora_error::{Error, ErrorType, Result};
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -165,51 +165,68 @@ pub struct Downstream<'a> {
     pub(crate) conn: &'a mut Conn<Stream>,
     pub(crate) raw: &'a http1::Request,
     pub(crate) method: Method,
-    pub(crate) target: Target<'a>,
+    pub(crate) target: Target,
 }
 
-/// The request target (RFC 9112 §3.2): what is forwarded (path and query) and what routes
-/// (the path, and the authority of an absolute-form target).
-pub(crate) struct Target<'a> {
-    /// Path and query, as forwarded to upstreams.
-    pub(crate) path_and_query: Cow<'a, str>,
-    /// The authority of an absolute-form target.
+/// The request target (RFC 9112 §3.2): what is forwarded (path and query, validated, without a
+/// fragment) and what routes (the path, and the authority of an absolute-form target).
+pub(crate) struct Target {
+    pub(crate) path_and_query: PathAndQuery,
+    /// The authority of an absolute-form target (it overrides `Host`, RFC 9112 §3.2.2).
     pub(crate) authority: Option<String>,
 }
 
-impl Target<'_> {
+impl Target {
     /// The path, without the query.
     pub(crate) fn path(&self) -> &str {
-        let t: &str = &self.path_and_query;
-        t.split_once('?').map_or(t, |(p, _)| p)
+        self.path_and_query.path()
+    }
+
+    /// The host that routes: the target's authority, else the one `Host` field.
+    pub(crate) fn host<'a>(&'a self, raw: &'a http1::Request) -> Option<&'a str> {
+        self.authority
+            .as_deref()
+            .or_else(|| raw.first("host").and_then(|h| std::str::from_utf8(h).ok()))
     }
 }
 
-/// Splits a request's method and target; refuses what cannot be forwarded.
-fn request_line(r: &http1::Request) -> std::result::Result<(Method, Target<'_>), Reject> {
+/// Splits a request's method and target and refuses, with 400, what cannot be forwarded: a
+/// method or target that is not valid HTTP (the target's characters are checked as `http::Uri`
+/// checks them; a fragment is dropped), an authority-form or scheme-less target, and an
+/// HTTP/1.1 request without exactly one `Host` (RFC 9112 §3.2).
+fn request_line(r: &http1::Request) -> std::result::Result<(Method, Target), Reject> {
     let bad = |what: &str| Reject::new(400, "bad_request", format!("invalid {what}"));
     // Standard methods are recognised without allocating.
     let method = Method::from_bytes(r.method().as_bytes()).map_err(|_| bad("method"))?;
-    let t = r.target();
-    let target = if t.starts_with('/') || t == "*" {
+    let hosts = r.values_of("host").count();
+    if hosts > 1 || (hosts == 0 && !r.is_http10()) {
+        return Err(Reject::new(
+            400,
+            "bad_request",
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
+    }
+    let raw = r.target_bytes();
+    let target = if raw.first() == Some(&b'/') || &raw[..] == b"*" {
+        // Origin form: checked and split in place, without a copy.
         Target {
-            path_and_query: Cow::Borrowed(t),
+            path_and_query: PathAndQuery::from_maybe_shared(raw)
+                .map_err(|_| bad("request target"))?,
             authority: None,
         }
     } else {
         // Absolute form (`http://host/path`), as sent to proxies.
-        let uri: http::Uri = t.parse().map_err(|_| bad("request target"))?;
-        let authority = uri.authority().map(|a| a.as_str().to_owned());
-        if authority.is_none() {
+        let uri: http::Uri = r.target().parse().map_err(|_| bad("request target"))?;
+        let (Some(_), Some(authority)) = (uri.scheme(), uri.authority()) else {
             return Err(bad("request target"));
-        }
-        let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+        };
+        let authority = Some(authority.as_str().to_owned());
+        let pq = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         Target {
-            path_and_query: Cow::Owned(if pq.starts_with('/') {
-                pq.to_owned()
-            } else {
-                format!("/{pq}")
-            }),
+            path_and_query: pq,
             authority,
         }
     };
@@ -303,10 +320,7 @@ impl Hub {
             return self.relay_outcome(session, ctx, &t).await;
         }
         let raw = session.raw;
-        let host = raw
-            .first("host")
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .or(session.target.authority.as_deref());
+        let host = session.target.host(raw);
         let view = RequestView {
             method: &session.method,
             path: session.target.path(),
@@ -336,7 +350,7 @@ impl Hub {
         Self::count_suppressed(&self.engine, &plan);
         let out = Outbound::new(
             &session.method,
-            &session.target.path_and_query,
+            session.target.path_and_query.as_str(),
             raw,
             &t.table,
             &plan,
@@ -380,6 +394,52 @@ impl Hub {
                 duration_us: elapsed.as_micros() as u64,
                 error: e.map(|e| e.etype().as_str()),
             });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(head: &'static str) -> std::result::Result<(Method, Target, http1::Request), u16> {
+        let r = http1::Request::parse(Bytes::from_static(head.as_bytes())).map_err(|r| r.status)?;
+        let (m, t) = request_line(&r).map_err(|r| r.status)?;
+        Ok((m, t, r))
+    }
+
+    #[test]
+    fn targets_are_checked_split_and_hosted_as_rfc_9112_says() {
+        let (m, t, r) = line("POST /v1/a?b=1#frag HTTP/1.1\r\nHost: hub:8080\r\n\r\n")
+            .unwrap_or_else(|s| panic!("{s}"));
+        assert_eq!(m, Method::POST);
+        assert_eq!(
+            t.path_and_query.as_str(),
+            "/v1/a?b=1",
+            "the fragment is dropped"
+        );
+        assert_eq!(t.path(), "/v1/a");
+        assert_eq!(t.host(&r), Some("hub:8080"));
+        // Absolute form: the target's authority wins over Host.
+        let (_, t, r) = line("GET http://api.example/v1?x HTTP/1.1\r\nHost: other\r\n\r\n")
+            .unwrap_or_else(|s| panic!("{s}"));
+        assert_eq!(t.path_and_query.as_str(), "/v1?x");
+        assert_eq!(t.host(&r), Some("api.example"));
+        let (_, t, _) = line("GET http://api.example HTTP/1.1\r\nHost: h\r\n\r\n")
+            .unwrap_or_else(|s| panic!("{s}"));
+        assert_eq!(t.path(), "/");
+        // HTTP/1.0 may omit Host.
+        let (_, t, r) = line("GET / HTTP/1.0\r\n\r\n").unwrap_or_else(|s| panic!("{s}"));
+        assert_eq!(t.host(&r), None);
+        for bad in [
+            "GET /a<b> HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET /a?q=\"x\" HTTP/1.1\r\nHost: h\r\n\r\n",
+            "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n",
+            "GET mailto:x@y HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+        ] {
+            assert_eq!(line(bad).err(), Some(400), "{bad:?}");
         }
     }
 }

@@ -106,16 +106,31 @@ pub(crate) fn activated(m: &Metrics, version: &str) {
     );
 }
 
-/// Whether a file event concerns the routing table: in a routes directory, the `active` pointer
-/// or a `*.json` version; beside a single table file, that file. Anything else in the same
-/// directory (logs, temporary files of a sync, the hub's own output) is ignored, so a busy
-/// neighbour never causes reloads.
-fn concerns_table(routes: &Path, is_dir: bool, ev: &Event) -> bool {
+/// What a file event means for the routing table.
+#[derive(Debug, PartialEq, Eq)]
+enum Relevance {
+    /// It names the table: in a routes directory the `active` pointer or a `*.json` version,
+    /// beside a single table file that file.
+    Table,
+    /// It names nothing (the watcher lost events and asks for a rescan): reload to be sure.
+    Unknown,
+    /// It names only other files. They may still be the table's: a symlink swap (how
+    /// Kubernetes updates a mounted volume) renames a hidden directory and never names the
+    /// table. Whether the table changed is told by [`Fingerprint`].
+    Other,
+    /// Reads.
+    None,
+}
+
+fn relevance(routes: &Path, is_dir: bool, ev: &Event) -> Relevance {
     if matches!(ev.kind, EventKind::Access(_)) {
-        return false;
+        return Relevance::None;
+    }
+    if ev.need_rescan() || ev.paths.is_empty() {
+        return Relevance::Unknown;
     }
     let table_name = (!is_dir).then(|| routes.file_name()).flatten();
-    ev.paths.iter().any(|p| {
+    let names_table = ev.paths.iter().any(|p| {
         let Some(name) = p.file_name() else {
             return false;
         };
@@ -125,7 +140,42 @@ fn concerns_table(routes: &Path, is_dir: bool, ev: &Event) -> bool {
                 name == ACTIVE_POINTER || Path::new(name).extension().is_some_and(|e| e == "json")
             }
         }
-    })
+    });
+    if names_table {
+        Relevance::Table
+    } else {
+        Relevance::Other
+    }
+}
+
+/// The identity of the files a reload reads, as a reload would see them (symlinks followed):
+/// device, inode, length and modification time of each.
+#[derive(Debug, PartialEq, Eq)]
+struct Fingerprint(Vec<Option<(u64, u64, u64, i64, i64)>>);
+
+impl Fingerprint {
+    fn of(paths: &[PathBuf]) -> Fingerprint {
+        use std::os::unix::fs::MetadataExt;
+        Fingerprint(
+            paths
+                .iter()
+                .map(|p| {
+                    let m = std::fs::metadata(p).ok()?;
+                    Some((m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The files a reload reads: the single table file, or the `active` pointer and the version
+/// serving now.
+fn table_files(routes: &Path, is_dir: bool, serving: &Path) -> Vec<PathBuf> {
+    if is_dir {
+        vec![routes.join(ACTIVE_POINTER), serving.to_path_buf()]
+    } else {
+        vec![routes.to_path_buf()]
+    }
 }
 
 #[async_trait]
@@ -141,12 +191,31 @@ impl BackgroundService for Reloader {
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
         let (routes, is_dir) = (self.routes.clone(), self.routes.is_dir());
+        let tables = self.tables.clone();
+        let files = move || table_files(&routes, is_dir, &tables.load().file);
+        let mut seen = Fingerprint::of(&files());
+        let routes = self.routes.clone();
         let watcher = notify::recommended_watcher(move |res: notify::Result<Event>| {
-            if let Ok(ev) = res {
-                if concerns_table(&routes, is_dir, &ev) {
-                    // A full channel means a reload is already pending: coalesce.
-                    let _ = tx.try_send(());
-                }
+            let changed = match res {
+                Ok(ev) => match relevance(&routes, is_dir, &ev) {
+                    Relevance::Table | Relevance::Unknown => {
+                        seen = Fingerprint::of(&files());
+                        true
+                    }
+                    Relevance::Other => {
+                        let now = Fingerprint::of(&files());
+                        let changed = now != seen;
+                        seen = now;
+                        changed
+                    }
+                    Relevance::None => false,
+                },
+                // The watcher itself failed: reload rather than miss a change.
+                Err(_) => true,
+            };
+            if changed {
+                // A full channel means a reload is already pending: coalesce.
+                let _ = tx.try_send(());
             }
         });
         let _watcher = match watcher {
@@ -267,57 +336,83 @@ mod tests {
     }
 
     #[test]
-    fn only_events_on_the_table_cause_a_reload() {
+    fn events_naming_the_table_reload_and_the_others_are_checked() {
         let write = EventKind::Modify(ModifyKind::Any);
         let create = EventKind::Create(CreateKind::File);
         let read = EventKind::Access(notify::event::AccessKind::Any);
         let file = Path::new("/srv/hub/table.json");
-        assert!(concerns_table(
-            file,
-            false,
-            &ev(write, &["/srv/hub/table.json"])
-        ));
-        assert!(!concerns_table(
-            file,
-            false,
-            &ev(write, &["/srv/hub/hub.log"])
-        ));
-        assert!(!concerns_table(
-            file,
-            false,
-            &ev(write, &["/srv/hub/other.json"])
-        ));
-        assert!(!concerns_table(
-            file,
-            false,
-            &ev(read, &["/srv/hub/table.json"])
-        ));
+        let r = |routes, dir, e: Event| relevance(routes, dir, &e);
+        assert_eq!(
+            r(file, false, ev(write, &["/srv/hub/table.json"])),
+            Relevance::Table
+        );
+        assert_eq!(
+            r(file, false, ev(write, &["/srv/hub/hub.log"])),
+            Relevance::Other
+        );
+        assert_eq!(
+            r(file, false, ev(write, &["/srv/hub/other.json"])),
+            Relevance::Other
+        );
+        assert_eq!(
+            r(file, false, ev(read, &["/srv/hub/table.json"])),
+            Relevance::None
+        );
         // A rename onto the table names it as the destination.
-        assert!(concerns_table(
-            file,
-            false,
-            &ev(write, &["/srv/hub/.table.json.tmp", "/srv/hub/table.json"])
-        ));
+        assert_eq!(
+            r(
+                file,
+                false,
+                ev(write, &["/srv/hub/.table.json.tmp", "/srv/hub/table.json"])
+            ),
+            Relevance::Table
+        );
         let dir = Path::new("/srv/hub/routes");
-        assert!(concerns_table(
-            dir,
-            true,
-            &ev(create, &["/srv/hub/routes/active"])
-        ));
-        assert!(concerns_table(
-            dir,
-            true,
-            &ev(create, &["/srv/hub/routes/v2.json"])
-        ));
-        assert!(!concerns_table(
-            dir,
-            true,
-            &ev(create, &["/srv/hub/routes/.active.tmp-7"])
-        ));
-        assert!(!concerns_table(
-            dir,
-            true,
-            &ev(write, &["/srv/hub/routes/notes.txt"])
-        ));
+        assert_eq!(
+            r(dir, true, ev(create, &["/srv/hub/routes/active"])),
+            Relevance::Table
+        );
+        assert_eq!(
+            r(dir, true, ev(create, &["/srv/hub/routes/v2.json"])),
+            Relevance::Table
+        );
+        assert_eq!(
+            r(dir, true, ev(create, &["/srv/hub/routes/.active.tmp-7"])),
+            Relevance::Other
+        );
+        // Lost events: the watcher asks for a rescan and names nothing.
+        let rescan = Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        assert_eq!(r(dir, true, rescan), Relevance::Unknown);
+        assert_eq!(r(file, false, ev(write, &[])), Relevance::Unknown);
+    }
+
+    #[test]
+    fn a_symlink_swap_changes_the_fingerprint_without_naming_the_table() {
+        // The layout of a Kubernetes volume: table.json -> ..data/table.json, ..data -> a
+        // timestamped directory, replaced by renaming a new link onto ..data.
+        let dir = std::env::temp_dir().join(format!("multihub-fp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let made = (|| -> std::io::Result<()> {
+            for (d, body) in [("v1", "one"), ("v2", "two!")] {
+                std::fs::create_dir_all(dir.join(d))?;
+                std::fs::write(dir.join(d).join("table.json"), body)?;
+            }
+            std::os::unix::fs::symlink("v1", dir.join("..data"))?;
+            std::os::unix::fs::symlink("..data/table.json", dir.join("table.json"))
+        })();
+        made.unwrap_or_else(|e| panic!("{e}"));
+        let table = dir.join("table.json");
+        let files = table_files(&table, false, &table);
+        let before = Fingerprint::of(&files);
+        assert_eq!(
+            before,
+            Fingerprint::of(&files),
+            "stable while nothing changes"
+        );
+        std::os::unix::fs::symlink("v2", dir.join("..data_tmp")).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(before, Fingerprint::of(&files), "the swap is seen");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

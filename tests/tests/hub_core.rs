@@ -415,8 +415,14 @@ async fn refusals_are_json_and_the_hub_survives_malformed_input() {
     // connection closes; nothing is delivered.
     let mut long_head = b"POST /v1 HTTP/1.1\r\nx-long: ".to_vec();
     long_head.resize(70 * 1024, b'a');
-    let raw: [(&[u8], u16, &str); 5] = [
+    let raw: [(&[u8], u16, &str); 9] = [
         (b"THIS IS NOT HTTP\r\n\r\n", 400, "bad_request"),
+        // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host.
+        (b"POST /v1 HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 400, "bad_request"),
+        (b"POST /v1 HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "bad_request"),
+        // Characters a URI cannot carry, and targets that are not origin or absolute form.
+        (b"POST /v1/<x> HTTP/1.1\r\nHost: t\r\n\r\n", 400, "bad_request"),
+        (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n", 400, "bad_request"),
         (b"POST /v1 HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n", 400, "bad_request"),
         (
             b"POST /v1 HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
@@ -438,6 +444,27 @@ async fn refusals_are_json_and_the_hub_survives_malformed_input() {
     }
     assert_eq!(up.count(), 0, "nothing malformed was delivered");
 
+    // A fragment is no part of the path: it neither reaches the upstream nor hides a reserved
+    // path; an HTTP/1.0 request may omit Host.
+    let mut c = Conn::open(&hub.addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    c.write(b"POST /_hub#x HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = c.read_response().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (404, Some("reserved_path"))
+    );
+    c.write(b"POST /v1/f?q=1#frag HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = c.read_response().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status, 204, "{}", hub.logs());
+    assert_eq!(up.count(), 1);
+    assert_eq!(up.requests()[0].path, "/v1/f?q=1");
+
     // Still serving, with a chunked body within the cap delivered byte for byte.
     let mut c = Conn::open(&hub.addr)
         .await
@@ -445,8 +472,8 @@ async fn refusals_are_json_and_the_hub_survives_malformed_input() {
     c.write(b"POST /v1 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").await.unwrap_or_else(|e| panic!("{e}"));
     let r = c.read_response().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status, 204, "{}", hub.logs());
-    assert_eq!(up.requests()[0].body, b"abcde");
-    assert_eq!(up.requests()[0].header("transfer-encoding"), None);
+    assert_eq!(up.requests()[1].body, b"abcde");
+    assert_eq!(up.requests()[1].header("transfer-encoding"), None);
     let mut hub = hub;
     assert!(hub.alive());
     assert!(!hub.logs().contains("panicked"), "{}", hub.logs());

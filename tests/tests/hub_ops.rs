@@ -284,6 +284,65 @@ async fn invalid_version_keeps_the_old_one_and_sighup_and_rollback_work() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_swapped_table_reloads_and_neighbouring_writes_do_not() {
+    // A Kubernetes volume: table.json -> ..data/table.json, ..data -> a versioned directory,
+    // updated by renaming a new ..data link into place (no event names table.json).
+    let a = Recorder::start(Behaviour::Status(200)).await;
+    let providers = [("pa", a.url())];
+    let dir = TempDir::new("swap");
+    let d = dir.path();
+    for v in ["v1", "v2"] {
+        std::fs::create_dir_all(d.join(v)).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(d.join(v).join("table.json"), version(v, "pa", &providers))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    std::os::unix::fs::symlink("v1", d.join("..data")).unwrap_or_else(|e| panic!("{e}"));
+    std::os::unix::fs::symlink("..data/table.json", d.join("table.json"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let hub = HubProc::start(&d.join("table.json"), &[]).await;
+    let reloads = |result: &'static str| {
+        let hub = &hub;
+        async move {
+            hub.metric(&format!("hub_routes_reloads_total{{result=\"{result}\"}}"))
+                .await
+        }
+    };
+    let served = || async {
+        request(&hub.addr, "POST", "/", &[], b"")
+            .await
+            .ok()
+            .and_then(|r| r.header("x-hub-route-version").map(str::to_string))
+    };
+    assert_eq!(served().await.as_deref(), Some("v1"));
+    let ok_before = reloads("ok").await;
+
+    // Writes to other files beside the table are not reloads.
+    for i in 0..20 {
+        std::fs::write(d.join("hub.log"), format!("line {i}\n")).unwrap_or_else(|e| panic!("{e}"));
+    }
+    hub.signal("HUP");
+    eventually_async("the SIGHUP reload", WAIT, || async {
+        (reloads("unchanged").await >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(reloads("ok").await, ok_before);
+
+    std::os::unix::fs::symlink("v2", d.join("..data_tmp")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap_or_else(|e| panic!("{e}"));
+    eventually_async("v2 to serve after the swap", WAIT, || async {
+        (served().await.as_deref() == Some("v2")).then_some(())
+    })
+    .await;
+    assert_eq!(reloads("ok").await, ok_before + 1.0);
+    // Long after the writes: the SIGHUP was the only reload that found nothing new.
+    assert_eq!(
+        reloads("unchanged").await,
+        1.0,
+        "writes beside the table reloaded it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_expose_every_family_with_its_type() {
     let a = Recorder::start(Behaviour::Status(200)).await;
     let dir = TempDir::new("metrics");

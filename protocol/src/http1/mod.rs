@@ -137,6 +137,12 @@ impl Request {
         self.str(self.target)
     }
 
+    /// The request target's bytes, sharing the head's memory.
+    pub fn target_bytes(&self) -> Bytes {
+        let end = usize::from(self.target.1).min(self.head.len());
+        self.head.slice(usize::from(self.target.0).min(end)..end)
+    }
+
     pub fn path(&self) -> &str {
         let t = self.target();
         t.split_once('?').map_or(t, |(p, _)| p)
