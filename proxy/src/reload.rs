@@ -151,7 +151,10 @@ fn relevance(routes: &Path, is_dir: bool, ev: &Event) -> Relevance {
 /// The identity of the files a reload reads, as a reload would see them (symlinks followed):
 /// device, inode, length and modification time of each.
 #[derive(Debug, PartialEq, Eq)]
-struct Fingerprint(Vec<Option<(u64, u64, u64, i64, i64)>>);
+struct Fingerprint(Vec<Option<FileId>>);
+
+/// Device, inode, length, mtime (seconds, nanoseconds) of one file.
+type FileId = (u64, u64, u64, i64, i64);
 
 impl Fingerprint {
     fn of(paths: &[PathBuf]) -> Fingerprint {
