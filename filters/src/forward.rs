@@ -3,40 +3,42 @@
 
 use http::Method;
 use multihub_protocol::hashing::{binding_bytes, repr_bytes};
-use multihub_protocol::headers::{self as h, HOP_BY_HOP, HUB_PREFIX};
-use multihub_protocol::http1::push_decimal;
+use multihub_protocol::headers::{self as h, is_hop_by_hop, HUB_PREFIX};
+use multihub_protocol::http1::{push_decimal, tokens};
 
 use crate::headers::Headers;
 use crate::plan::Plan;
 use crate::table::{HubSettings, Route, RoutingTable, Upstream};
 
-/// Names listed in the requester's `Connection` header (also hop-by-hop), as sent.
+/// Names listed in a message's `Connection` fields (also hop-by-hop), as sent.
 pub fn connection_tokens<H: Headers + ?Sized>(headers: &H) -> Vec<&[u8]> {
     let mut out = Vec::new();
     for v in headers.values_of("connection") {
-        out.extend(
-            v.split(|b| *b == b',')
-                .map(<[u8]>::trim_ascii)
-                .filter(|t| !t.is_empty()),
-        );
+        out.extend(tokens(v).filter(|t| !t.is_empty()));
     }
     out
 }
 
+/// True when a field named `name` (any case) belongs to one connection only: hop-by-hop, or
+/// named in that message's `Connection` (`connection`, from [`connection_tokens`]). Such
+/// fields are never passed on, in either direction.
+pub fn hop_by_hop(name: &[u8], connection: &[&[u8]]) -> bool {
+    is_hop_by_hop(name) || connection.iter().any(|t| name.eq_ignore_ascii_case(t))
+}
+
 /// True when a requester header named `name` (any case) is copied to upstreams: not
-/// hop-by-hop, not named in `Connection`, not hub-internal (those are re-stamped), and not
-/// `Host`, `Content-Length` or `x-request-id` (set per copy).
+/// [hop-by-hop](hop_by_hop), not hub-internal (those are re-stamped), and not `Host`,
+/// `Content-Length` or `x-request-id` (set per copy).
 pub fn is_forwarded(name: &[u8], connection: &[&[u8]]) -> bool {
     let is = |h: &str| name.eq_ignore_ascii_case(h.as_bytes());
     let hub = name
         .get(..HUB_PREFIX.len())
         .is_some_and(|p| p.eq_ignore_ascii_case(HUB_PREFIX.as_bytes()));
     !(hub
-        || HOP_BY_HOP.iter().any(|h| is(h))
+        || hop_by_hop(name, connection)
         || is("host")
         || is("content-length")
-        || is(h::REQUEST_ID)
-        || connection.iter().any(|t| name.eq_ignore_ascii_case(t)))
+        || is(h::REQUEST_ID))
 }
 
 /// The request head every upstream of one request gets, on the wire format: the requester's
@@ -121,21 +123,26 @@ impl Outbound {
     /// The complete head for `up`: request line (the upstream's base path, then the target),
     /// `Host`, then the shared fields.
     pub fn head(&self, up: &Upstream) -> Vec<u8> {
-        let method = self.method.as_str().as_bytes();
-        let base = up.url.base_path.as_bytes();
+        let (method, base) = (self.method.as_str(), up.url.base_path.as_str());
         let host = up.host_header.as_bytes();
         let mut out = Vec::with_capacity(
             method.len() + base.len() + self.target.len() + host.len() + self.fields.len() + 24,
         );
-        out.extend_from_slice(method);
-        out.push(b' ');
-        out.extend_from_slice(base);
-        out.extend_from_slice(self.target.as_bytes());
-        out.extend_from_slice(b" HTTP/1.1\r\n");
-        field(&mut out, b"host", host);
+        request_line(&mut out, method, [base, &self.target], host);
         out.extend_from_slice(&self.fields);
         out
     }
+}
+
+/// `METHOD <path parts> HTTP/1.1`, then `host`.
+fn request_line(out: &mut Vec<u8>, method: &str, path: [&str; 2], host: &[u8]) {
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    for p in path {
+        out.extend_from_slice(p.as_bytes());
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    field(out, b"host", host);
 }
 
 /// A complete request head on the wire format: request line, `Host`, then `fields` (and
@@ -148,11 +155,7 @@ pub fn wire_head(
     content_length: Option<usize>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(method.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    field(&mut out, b"host", host);
+    request_line(&mut out, method, [path, ""], host);
     for (name, value) in fields {
         field(&mut out, name.as_bytes(), value);
     }
@@ -179,6 +182,7 @@ mod tests {
         let conn: Vec<&[u8]> = vec![b"keep-alive", b"X-Secret"];
         for dropped in [
             "connection",
+            "Proxy-Authorization",
             "Keep-Alive",
             "te",
             "upgrade",

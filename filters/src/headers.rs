@@ -41,6 +41,12 @@ impl Headers for http1::Request {
     }
 }
 
+impl Headers for http1::client::ResponseHead {
+    fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.headers()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,9 +33,10 @@ pub const RESERVED_PATH_PREFIX: &str = "/_hub/";
 /// Path of the outcome relay endpoint under the reserved prefix.
 pub const OUTCOMES_PATH: &str = "/_hub/outcomes";
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1 plus `Expect`) that are never copied to an upstream.
-/// Headers named in `Connection` are dropped as well.
-pub const HOP_BY_HOP: [&str; 9] = [
+/// Hop-by-hop headers (RFC 9110 §7.6.1 plus `Expect`, and `Proxy-Authorization`, which belongs
+/// to the proxy it is addressed to, RFC 9110 §11.7.2) that are never copied to an upstream or
+/// back. Headers named in `Connection` are dropped as well.
+pub const HOP_BY_HOP: [&str; 10] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -45,9 +46,12 @@ pub const HOP_BY_HOP: [&str; 9] = [
     "expect",
     "transfer-encoding",
     "proxy-authenticate",
+    "proxy-authorization",
 ];
 
-/// True when `name` (lower case) is hop-by-hop and must not be forwarded.
-pub fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.contains(&name)
+/// True when `name` (any case) is hop-by-hop and must not be forwarded.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }

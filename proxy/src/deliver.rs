@@ -13,6 +13,7 @@
 //! once on a fresh connection (the upstream closed an idle keep-alive connection).
 
 use bytes::{Bytes, BytesMut};
+use multihub_filters::forward::Outbound;
 use multihub_protocol::http1::client::{Exchange, ExchangeError, ResponseHead};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -57,7 +58,8 @@ pub fn result_index<T>(r: &Result<T, Failure>) -> usize {
 }
 
 impl Failure {
-    fn index(&self) -> usize {
+    /// The position of this failure's label in [`RESULTS`].
+    pub fn index(&self) -> usize {
         match self {
             Failure::Refused(_) => 1,
             Failure::Timeout => 2,
@@ -275,6 +277,17 @@ pub struct Request<'a> {
     pub head_only: bool,
 }
 
+impl<'a> Request<'a> {
+    /// The request `out` makes of one upstream: `head` is `out.head(upstream)`.
+    pub fn of(out: &Outbound, head: &'a [u8], body: &'a [u8]) -> Request<'a> {
+        Request {
+            head,
+            body,
+            head_only: out.method == http::Method::HEAD,
+        }
+    }
+}
+
 async fn connect(addr: SocketAddr) -> Result<Link, Failure> {
     let io = TcpStream::connect(addr)
         .await
@@ -325,11 +338,6 @@ impl Deliverer {
         if let Some((io, buf)) = ex.into_reusable() {
             self.pool.put(addr, Link { io, buf });
         }
-    }
-
-    /// How many connections to `addr` idle in the pool.
-    pub fn idle(&self, addr: SocketAddr) -> usize {
-        self.pool.idle(addr)
     }
 
     /// Sends one request and reads (drains) the whole response. `Ok(status)` is always a 2xx.

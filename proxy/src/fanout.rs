@@ -27,15 +27,13 @@ pub async fn slot_within(slots: &Semaphore, wait: Duration) -> Option<SemaphoreP
 /// was free.
 pub fn count_dropped(engine: &Engine, t: &HubTable, route: usize, i: usize) {
     engine.metrics.drop(DropReason::InFlightFull);
-    let full = result_index::<()>(&Err(Failure::InFlightFull));
-    t.count_delivery(&engine.metrics, route, i, full);
+    t.count_delivery(&engine.metrics, route, i, Failure::InFlightFull.index());
 }
 
 /// One request's deliveries: everything but the upstream index.
 pub struct Job<'a> {
     pub engine: &'a Engine,
-    /// Route id (metric label) and index.
-    pub route: &'a str,
+    /// Index of the route in the table.
     pub route_index: usize,
     pub t: &'a HubTable,
     pub out: &'a Outbound,
@@ -81,11 +79,7 @@ impl Job<'_> {
             return (i, Err(Failure::Broken("unknown upstream".into())));
         };
         let head = self.out.head(up);
-        let req = Request {
-            head: &head,
-            body: self.body,
-            head_only: self.out.method == http::Method::HEAD,
-        };
+        let req = Request::of(self.out, &head, self.body);
         let started = Instant::now();
         let result = retrying(self.retries, t.table.hub.retry_backoff, |_| async {
             let r = engine.deliverer.deliver(up.addr, req, up.timeout).await;

@@ -33,28 +33,26 @@ impl BackgroundService for Lifecycle {
             .parse()
             .ok()
             .map(multihub_protocol::net::probe_addr);
+        // Every 20 ms until the listener is up, then once a second for the access log.
         let mut tick = tokio::time::interval(Duration::from_millis(20));
-        let mut last_flush = Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = tick.tick() => {
-                    if !e.listening.load(Ordering::SeqCst) {
-                        let up = match probe {
-                            Some(a) => multihub_protocol::net::accepts(a).await,
-                            None => true,
-                        };
-                        if up {
-                            e.listening.store(true, Ordering::SeqCst);
-                            log::info!("ready: proxy listener {} is up", self.listen);
-                            // From now on only the access log's flush is due, once a second.
-                            tick = tokio::time::interval(Duration::from_secs(1));
-                            tick.tick().await;
-                        }
-                    }
-                    if last_flush.elapsed() >= Duration::from_secs(1) {
+                    if e.listening.load(Ordering::SeqCst) {
                         if let Some(l) = &self.access_log { l.flush(); }
-                        last_flush = Instant::now();
+                        continue;
+                    }
+                    let up = match probe {
+                        Some(a) => multihub_protocol::net::accepts(a).await,
+                        None => true,
+                    };
+                    if up {
+                        e.listening.store(true, Ordering::SeqCst);
+                        log::info!("ready: proxy listener {} is up", self.listen);
+                        tick = tokio::time::interval(Duration::from_secs(1));
+                        // The first tick of an interval is immediate.
+                        tick.tick().await;
                     }
                 }
             }

@@ -18,7 +18,7 @@ pub struct Metrics {
     pub deliveries_in_flight_bound: IntGauge,
     pub dropped: IntCounterVec,
     /// `dropped` per [`DropReason`], resolved once.
-    dropped_by: [IntCounter; 5],
+    dropped_by: [IntCounter; DropReason::ALL.len()],
     pub relays: IntCounterVec,
     pub relays_suppressed: IntCounterVec,
     pub reloads: IntCounterVec,
@@ -46,6 +46,17 @@ impl DropReason {
         DropReason::CopyTooLarge,
         DropReason::Shutdown,
     ];
+
+    /// The position in [`DropReason::ALL`].
+    fn index(self) -> usize {
+        match self {
+            DropReason::InFlightFull => 0,
+            DropReason::RetriesExhausted => 1,
+            DropReason::SequenceBroken => 2,
+            DropReason::CopyTooLarge => 3,
+            DropReason::Shutdown => 4,
+        }
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -209,7 +220,9 @@ impl Metrics {
     }
 
     pub fn drop(&self, reason: DropReason) {
-        self.dropped_by[reason as usize].inc();
+        if let Some(c) = self.dropped_by.get(reason.index()) {
+            c.inc();
+        }
     }
 
     /// Prometheus text exposition.
@@ -217,5 +230,17 @@ impl Metrics {
         let mut out = Vec::with_capacity(16 * 1024);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_reasons_index_their_counters() {
+        for (i, d) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(d.index(), i, "{}", d.as_str());
+        }
     }
 }

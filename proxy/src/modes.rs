@@ -3,10 +3,10 @@
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bytes::Bytes;
-use multihub_filters::forward::Outbound;
+use multihub_filters::forward::{connection_tokens, hop_by_hop, Outbound};
 use multihub_filters::Plan;
-use multihub_protocol::headers::HOP_BY_HOP;
 use multihub_protocol::headers::{HUB_ROUTE_VERSION, REQUEST_ID};
+use multihub_protocol::http1::client::Framing;
 use multihub_protocol::http1::Answer;
 use multihub_protocol::routes::{Delivery, Order};
 use pingora_error::{Error, ErrorType, Result};
@@ -105,7 +105,6 @@ impl Hub {
             Delivery::Confirmed => {
                 let job = Job {
                     engine: &self.engine,
-                    route: &route.id,
                     route_index: plan.route,
                     t,
                     out: &out,
@@ -177,11 +176,7 @@ impl Hub {
         };
         let head = out.head(up);
         let method = out.method.clone();
-        let req = Request {
-            head: &head,
-            body: &body,
-            head_only: method == http::Method::HEAD,
-        };
+        let req = Request::of(&out, &head, &body);
         let mut copies: Vec<usize> = others.to_vec();
         copies.extend_from_slice(&plan.relay.relays);
         if !copies.is_empty() {
@@ -222,38 +217,35 @@ impl Hub {
         let status = resp.status();
         // How the body is framed towards the requester: re-framed by us, except for answers
         // that carry no body, whose Content-Length passes through as given.
-        let answer = if method == http::Method::HEAD
-            || status == 204
-            || status == 304
-            || (100..200).contains(&status)
-        {
+        let answer = if method == http::Method::HEAD || status == 204 || status == 304 {
             Answer::NoBody
-        } else if resp.is_chunked() {
-            Answer::Chunked
         } else {
-            match resp
-                .header("content-length")
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-            {
-                Some(n) => Answer::Length(n),
-                None => Answer::Chunked,
+            match resp.framing() {
+                Framing::Chunked | Framing::UntilClose => Answer::Chunked,
+                // Codings the hub does not decode pass through raw, with their
+                // Transfer-Encoding, until the connection closes.
+                Framing::Coded => Answer::Raw,
+                Framing::Length => match resp
+                    .header("content-length")
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                {
+                    Some(n) => Answer::Length(n),
+                    None => Answer::Chunked,
+                },
             }
         };
         // Hop-by-hop headers, those the upstream's Connection names, framing (ours now) and
-        // the hub's own stamps stay behind.
-        let named: &[u8] = resp.header("connection").unwrap_or_default();
+        // the hub's own stamps stay behind. Transfer-Encoding is hop-by-hop; kept only for a
+        // raw body, which it frames.
+        let conn = connection_tokens(&resp);
         let keep = |n: &str| {
             let is = |h: &str| n.eq_ignore_ascii_case(h);
-            let framing =
-                is("transfer-encoding") || (is("content-length") && answer != Answer::NoBody);
-            !(framing
-                || HOP_BY_HOP.iter().any(|h| is(h))
-                || named
-                    .split(|b| *b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(n.as_bytes()))
-                || is(REQUEST_ID)
-                || is(HUB_ROUTE_VERSION))
+            if answer == Answer::Raw && is("transfer-encoding") {
+                return true;
+            }
+            let length = is("content-length") && answer != Answer::NoBody;
+            !(length || hop_by_hop(n.as_bytes(), &conn) || is(REQUEST_ID) || is(HUB_ROUTE_VERSION))
         };
         ctx.status = status;
         let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(resp.header_count() + 2);
@@ -343,12 +335,8 @@ impl Hub {
         let busy = Busy::background(&engine);
         tokio::spawn(async move {
             let _busy = busy;
-            let Some(r) = t.table.routes.get(route) else {
-                return;
-            };
             let job = Job {
                 engine: &engine,
-                route: &r.id,
                 route_index: route,
                 t: &t,
                 out: &out,
@@ -397,11 +385,7 @@ impl Hub {
                     return (i, Err(Failure::InFlightFull));
                 };
                 let head = out.head(up);
-                let req = Request {
-                    head: &head,
-                    body,
-                    head_only: out.method == http::Method::HEAD,
-                };
+                let req = Request::of(out, &head, body);
                 let r = engine
                     .deliverer
                     .fetch(up.addr, req, wait, route.max_response_bytes)

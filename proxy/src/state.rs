@@ -32,7 +32,7 @@ pub struct HubTable {
     pub delivery_duration: Vec<Histogram>,
     /// Per route, per upstream, per result (`deliver::RESULTS`): `hub_deliveries_total`,
     /// `ok` resolved at load, the others on first use (no series for results never seen).
-    deliveries: Vec<Vec<[OnceLock<IntCounter>; 7]>>,
+    deliveries: Vec<Vec<[OnceLock<IntCounter>; RESULTS.len()]>>,
     /// Per upstream: `hub_relays_total{result="ok"|"failed"}` (peers only), on first use.
     relays: Vec<[OnceLock<IntCounter>; 2]>,
     /// Per upstream: milliseconds since `epoch` until which it is considered down.
@@ -74,7 +74,7 @@ impl HubTable {
                     .upstreams
                     .iter()
                     .map(|u| {
-                        let c: [OnceLock<IntCounter>; 7] = Default::default();
+                        let c: [OnceLock<IntCounter>; RESULTS.len()] = Default::default();
                         let _ = c[0].set(metrics.deliveries.with_label_values(&[
                             r.id.as_str(),
                             u.id.as_str(),

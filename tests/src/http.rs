@@ -238,6 +238,13 @@ impl Conn {
             .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"))
     }
 
+    /// Reads everything until the peer closes the connection.
+    pub async fn read_to_end(&mut self) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.r.read_to_end(&mut out).await?;
+        Ok(out)
+    }
+
     /// Reads one chunk of a chunked body (see [`read_chunk`]): `None` at the terminating zero
     /// chunk.
     pub async fn read_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {

@@ -23,6 +23,8 @@ pub enum Behaviour {
     Close,
     /// Answer 200 chunked: send `first`, wait until the gate opens, then send `rest`.
     StreamGated { first: Vec<u8>, rest: Vec<u8> },
+    /// Write these bytes as the whole answer (head and body), then close the connection.
+    Raw(Vec<u8>),
 }
 
 fn chunk(data: &[u8]) -> Vec<u8> {
@@ -118,6 +120,11 @@ impl Recorder {
                             Behaviour::Status(st) => (st, Vec::new()),
                             Behaviour::Body(st, body) => (st, body),
                             Behaviour::Close => return,
+                            Behaviour::Raw(bytes) => {
+                                let _ = w.write_all(&bytes).await;
+                                s.answered.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
                             Behaviour::StreamGated { first, rest } => {
                                 let mut head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Up: stream\r\n\r\n".to_vec();
                                 head.extend_from_slice(&chunk(&first));

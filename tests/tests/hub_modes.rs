@@ -126,6 +126,45 @@ async fn proxy_keeps_lengths_and_head_answers_intact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_passes_coded_bodies_raw_and_drops_hop_by_hop_answer_fields() {
+    // A body with a transfer coding the hub does not decode (gzip, then chunked), plus fields
+    // that belong to the upstream's connection only.
+    let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 99\r\n\
+                Connection: x-private\r\nX-Private: secret\r\nKeep-Alive: timeout=5\r\n\
+                Date: Sun, 06 Nov 1994 08:49:37 GMT\r\nX-Kept: 1\r\n\r\n\
+                4\r\nGZ!!\r\n0\r\n\r\n";
+    let primary = Recorder::start(Behaviour::Raw(raw.to_vec())).await;
+    let (hub, _d) = start(
+        &[("p", primary.url())],
+        json!([{ "id": "px", "match": { "path_prefix": "/" }, "targets": ["p"], "respond": "proxy" }]),
+    )
+    .await;
+    let mut c = Conn::open(&hub.addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    c.write(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let head = c.read_head().await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(head.start.contains(" 200 "), "{head:?}");
+    assert_eq!(head.header("transfer-encoding"), Some("gzip, chunked"));
+    assert_eq!(
+        head.header("content-length"),
+        None,
+        "Transfer-Encoding overrides it"
+    );
+    assert_eq!(head.header("x-kept"), Some("1"));
+    for gone in ["x-private", "keep-alive"] {
+        assert_eq!(head.header(gone), None, "{gone} passed on");
+    }
+    assert_eq!(head.header_all("date"), ["Sun, 06 Nov 1994 08:49:37 GMT"]);
+    assert_eq!(head.header("connection"), Some("close"));
+    // The coded body arrives byte for byte, unframed by the hub, then the connection closes.
+    let rest = c.read_to_end().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rest, b"4\r\nGZ!!\r\n0\r\n\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_copies_never_delay_the_primary_or_its_keep_alive() {
     let primary = Recorder::start(Behaviour::Body(201, b"from-primary".to_vec())).await;
     let stuck = Recorder::start(Behaviour::Gated).await;

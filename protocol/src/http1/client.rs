@@ -28,6 +28,21 @@ pub struct ResponseHead {
     head: Bytes,
     status: u16,
     headers: Vec<[u16; 4]>,
+    framing: Framing,
+}
+
+/// How a response body is delimited on the wire, as its head declares (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (HEAD, 204, 304), or `Content-Length`.
+    Length,
+    /// `Transfer-Encoding: chunked`, alone.
+    Chunked,
+    /// Other transfer codings (`gzip, chunked`, ...): the body is read raw until the upstream
+    /// closes, and passes through only with its `Transfer-Encoding` as given.
+    Coded,
+    /// Neither: the body ends when the upstream closes.
+    UntilClose,
 }
 
 impl ResponseHead {
@@ -57,9 +72,9 @@ impl ResponseHead {
         self.headers.len()
     }
 
-    /// Whether the response declared a chunked body.
-    pub fn is_chunked(&self) -> bool {
-        self.header("transfer-encoding").is_some()
+    /// How the body is delimited.
+    pub fn framing(&self) -> Framing {
+        self.framing
     }
 }
 
@@ -114,7 +129,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<S> {
                                 "unexpected 101 Switching Protocols".into(),
                             ));
                         }
-                        let (body, keep_alive, headers) =
+                        let (body, keep_alive, headers, framing) =
                             frame(&resp, status, head_request, buf.as_ptr() as usize)?;
                         let head = buf.split_to(n).freeze();
                         let ex = Exchange {
@@ -129,6 +144,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<S> {
                                 head,
                                 status,
                                 headers,
+                                framing,
                             },
                         ));
                     }
@@ -198,7 +214,7 @@ pub async fn write_all_vectored<S: AsyncWrite + Unpin>(
     Ok(())
 }
 
-type Framed = (Body, bool, Vec<[u16; 4]>);
+type Framed = (Body, bool, Vec<[u16; 4]>, Framing);
 
 /// Body framing (RFC 9112 §6.3), keep-alive, and header offsets of a complete response head.
 fn frame(
@@ -245,24 +261,27 @@ fn frame(
             }
         }
     }
-    let body = if head_request || status == 204 || status == 304 {
-        Body::Length(0)
+    let (body, framing) = if head_request || status == 204 || status == 304 {
+        (Body::Length(0), Framing::Length)
     } else if chunked && !other_coding {
-        Body::Chunked {
-            left: 0,
-            crlf: false,
-        }
+        (
+            Body::Chunked {
+                left: 0,
+                crlf: false,
+            },
+            Framing::Chunked,
+        )
     } else if chunked || other_coding {
-        // The last coding is not chunked: the body ends with the connection.
+        // Codings other than chunked: read raw, the body ends with the connection.
         keep_alive = false;
-        Body::UntilClose
+        (Body::UntilClose, Framing::Coded)
     } else if let Some(n) = length {
-        Body::Length(n)
+        (Body::Length(n), Framing::Length)
     } else {
         keep_alive = false;
-        Body::UntilClose
+        (Body::UntilClose, Framing::UntilClose)
     };
-    Ok((body, keep_alive, headers))
+    Ok((body, keep_alive, headers, framing))
 }
 
 #[cfg(test)]
@@ -327,7 +346,7 @@ mod tests {
         )
         .await;
         let (mut ex, head) = r.unwrap_or_else(|e| panic!("{e:?}"));
-        assert!(head.is_chunked());
+        assert_eq!(head.framing(), Framing::Chunked);
         assert_eq!(body(&mut ex).await, b"abcde");
         assert!(ex.into_reusable().is_some());
     }

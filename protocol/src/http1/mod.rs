@@ -102,8 +102,9 @@ pub struct Request {
 }
 
 impl Request {
-    /// Parses a complete request head (bytes after it are ignored), refusing what
-    /// [`Conn::next_request`] refuses. For tools and tests; connections parse in place.
+    /// Parses a complete request head (bytes after it are ignored), refusing ambiguous framing
+    /// and unsupported expectations as [`Conn::next_request`] does; a head over 65,535 bytes is
+    /// a 431, too many header lines a 400. For tools and tests; connections parse in place.
     pub fn parse(head: Bytes) -> Result<Request, Refusal> {
         let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut hdrs);
@@ -198,7 +199,7 @@ pub(crate) fn offsets(base: usize, s: &[u8]) -> (u16, u16) {
 }
 
 /// Tokens of a comma-separated header value, trimmed.
-pub(crate) fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|b| *b == b',').map(|t| t.trim_ascii())
 }
 
@@ -299,6 +300,10 @@ pub enum Answer {
     /// No body follows and no framing header is added: answers to HEAD, 204 and 304, whose
     /// given headers may describe a body that is not sent.
     NoBody,
+    /// The body follows as it is, framed by the `Transfer-Encoding` among the given headers,
+    /// and the connection closes after it (a body with codings other than chunked, passed
+    /// through).
+    Raw,
 }
 
 /// How an answer's body is delimited on the wire.
@@ -625,6 +630,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let framing = match answer {
             Answer::Length(n) => AnswerFraming::Length(n),
             Answer::NoBody => AnswerFraming::Given,
+            Answer::Raw => {
+                self.keep_alive = false;
+                AnswerFraming::UntilClose
+            }
             Answer::Chunked if self.http10 => {
                 self.keep_alive = false;
                 AnswerFraming::UntilClose
