@@ -602,10 +602,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     /// Writes a whole answer in one write. False when the client went away.
+    /// A 1xx, 204 or 304 answer carries no body and no `content-length` (RFC 9110 §8.6,
+    /// §15.4.5): `body` must then be empty, and is not sent.
     pub async fn respond(&mut self, status: u16, headers: &[(&str, &[u8])], body: &[u8]) -> bool {
-        self.head(status, headers, AnswerFraming::Length(body.len() as u64));
+        let bodiless = (100..200).contains(&status) || status == 204 || status == 304;
+        let framing = if bodiless {
+            AnswerFraming::Given
+        } else {
+            AnswerFraming::Length(body.len() as u64)
+        };
+        self.head(status, headers, framing);
         let mut out = std::mem::take(&mut self.out);
-        out.extend_from_slice(body);
+        if !bodiless {
+            out.extend_from_slice(body);
+        }
         let ok = self.write_out(&out).await.is_ok();
         self.out = out;
         ok
@@ -1158,6 +1168,27 @@ mod tests {
         );
         assert!(out.ends_with("\r\ncontent-length: 5\r\n\r\n"), "{out}");
         assert_eq!(out.matches("content-length").count(), 2, "{out}");
+    }
+
+    #[tokio::test]
+    async fn no_content_answers_carry_no_length_and_others_do() {
+        let (mut c, mut client, _tx) = conn();
+        client
+            .write_all(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let _ = request(c.next_request().await);
+        assert!(c.respond(204, &[], b"").await);
+        assert!(c.keep_alive());
+        let _ = request(c.next_request().await);
+        assert!(c.respond(200, &[], b"").await);
+        let out = written(c, client).await;
+        let (first, second) = out
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(first.starts_with("HTTP/1.1 204 "), "{out}");
+        assert!(!first.contains("content-length"), "RFC 9110 8.6: {out}");
+        assert!(second.contains("content-length: 0"), "{out}");
     }
 
     #[tokio::test]
