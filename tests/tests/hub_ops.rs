@@ -37,6 +37,14 @@ fn activate(dir: &Path, v: &str) {
     assert_eq!(code, 0, "{out}{err}");
 }
 
+/// The table version that answers a request now (`x-hub-route-version`).
+async fn served_version(hub: &HubProc) -> Option<String> {
+    request(&hub.addr, "POST", "/", &[], b"")
+        .await
+        .ok()
+        .and_then(|r| r.header("x-hub-route-version").map(str::to_string))
+}
+
 async fn metric(hub: &HubProc, name_and_labels: &str) -> f64 {
     hub.metric(name_and_labels).await
 }
@@ -178,12 +186,7 @@ async fn invalid_version_keeps_the_old_one_and_sighup_and_rollback_work() {
         .unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(routes.join("active"), "v1\n").unwrap_or_else(|e| panic!("{e}"));
     let hub = HubProc::start(&routes, &[]).await;
-    let served = || async {
-        request(&hub.addr, "POST", "/", &[], b"")
-            .await
-            .ok()
-            .and_then(|r| r.header("x-hub-route-version").map(str::to_string))
-    };
+    let served = || served_version(&hub);
     assert_eq!(served().await.as_deref(), Some("v1"));
 
     // `routes activate` refuses an invalid version; a pointer written by hand (a file sync) is refused by the hub.
@@ -307,12 +310,7 @@ async fn a_symlink_swapped_table_reloads_and_neighbouring_writes_do_not() {
                 .await
         }
     };
-    let served = || async {
-        request(&hub.addr, "POST", "/", &[], b"")
-            .await
-            .ok()
-            .and_then(|r| r.header("x-hub-route-version").map(str::to_string))
-    };
+    let served = || served_version(&hub);
     assert_eq!(served().await.as_deref(), Some("v1"));
     let ok_before = reloads("ok").await;
 
