@@ -48,7 +48,9 @@ pub fn is_forwarded(name: &[u8], connection: &[&[u8]]) -> bool {
 #[derive(Debug, Clone)]
 pub struct Outbound {
     pub method: Method,
-    /// The request target (path and query) as received.
+    /// The request target (path and query) as received. Copied, not shared with the received
+    /// head: background deliveries outlive the request, and a shared view would pin the
+    /// connection's read buffer so that the next request needed a fresh one.
     target: String,
     /// Every field after `Host`, each ending in CRLF, then the blank line.
     fields: Vec<u8>,
