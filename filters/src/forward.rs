@@ -300,4 +300,128 @@ mod tests {
             b"POST /o HTTP/1.1\r\nhost: sink:1\r\nx-a: 1\r\ncontent-length: 12\r\n\r\n"
         );
     }
+
+    mod forged {
+        use super::*;
+        use multihub_protocol::headers::HOP_BY_HOP;
+        use proptest::prelude::*;
+
+        /// Names a requester might send, hub-internal and hop-by-hop ones among them, in any case.
+        const NAMES: &[&str] = &[
+            "x-hub-id",
+            "X-Hub-Route",
+            "x-hub-route-version",
+            "x-hub-request-repr",
+            "X-HUB-CONTEXT",
+            "x-hub-binding",
+            "x-hub-outcome-url",
+            "x-hub-path",
+            "x-hub-hops",
+            "x-hub-other",
+            "connection",
+            "Keep-Alive",
+            "te",
+            "upgrade",
+            "Transfer-Encoding",
+            "proxy-authorization",
+            "content-length",
+            "x-request-id",
+            "x-verification-context",
+            "content-type",
+            "x-custom",
+            "authorization",
+            "x-drop-me",
+        ];
+
+        fn headers() -> impl Strategy<Value = Vec<(&'static str, String)>> {
+            let value = prop_oneof![
+                "[!-~]([ -~]{0,14}[!-~])?",
+                prop::sample::select(vec![
+                    "x-custom".to_string(),
+                    "keep-alive, x-drop-me".to_string(),
+                    "hub-z".to_string(),
+                    "hub-z, hub-y".to_string(),
+                    "3".to_string(),
+                    "0".to_string(),
+                    "req-1".to_string(),
+                ]),
+            ];
+            prop::collection::vec((prop::sample::select(NAMES), value), 0..12)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            /// Whatever a requester sends, every upstream gets one `Host`, one
+            /// `Content-Length`, the hub's own DESIGN §3 fields exactly once (forged ones never
+            /// pass), no hop-by-hop field, and every other field as sent.
+            #[test]
+            fn requesters_cannot_forge_hub_fields(
+                sent in headers(),
+                body in prop::collection::vec(any::<u8>(), 0..64),
+            ) {
+                let t = load_bytes(sample().as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+                let mut head = b"POST /v1/payments/9 HTTP/1.1\r\nHost: hub\r\n".to_vec();
+                for (k, v) in &sent {
+                    head.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+                }
+                head.extend_from_slice(b"\r\n");
+                let Ok(raw) = Request::parse(Bytes::from(head)) else { return Ok(()) };
+                let view = RequestView {
+                    method: &Method::POST,
+                    path: "/v1/payments/9",
+                    host: Some("hub"),
+                    headers: &raw,
+                };
+                // Refusals (a bad id, path or hop count, a repeated field) are another test's.
+                let Ok(p) = plan(&t, &view, |_| true) else { return Ok(()) };
+                let out = Outbound::new(&Method::POST, raw.target(), &raw, &t, &p, &body);
+                let conn: Vec<String> = sent
+                    .iter()
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("connection"))
+                    .flat_map(|(_, v)| v.split(',').map(|t| t.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+                    .collect();
+                let context = sent
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("x-verification-context"))
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default();
+                let repr = repr_of(&body);
+                for &i in p.targets.iter().chain(p.relay.relays.iter()) {
+                    let up = t.upstream(i).unwrap_or_else(|| panic!("no upstream {i}"));
+                    let fields = parse(&out.head(up));
+                    let get = |n: &str| {
+                        fields[1..].iter().filter(|(k, _)| k == n).map(|(_, v)| v.clone()).collect::<Vec<_>>()
+                    };
+                    prop_assert_eq!(get("host"), vec![up.host_header.to_str().unwrap_or("").to_string()]);
+                    prop_assert_eq!(get("content-length"), vec![body.len().to_string()]);
+                    prop_assert_eq!(get("x-hub-id"), vec!["hub-a".to_string()]);
+                    prop_assert_eq!(get("x-hub-route"), vec!["payments".to_string()]);
+                    prop_assert_eq!(get("x-hub-route-version"), vec!["v1".to_string()]);
+                    prop_assert_eq!(get("x-hub-outcome-url"), vec!["http://127.0.0.1:8080/_hub/outcomes".to_string()]);
+                    prop_assert_eq!(get("x-hub-request-repr"), vec![repr.as_str().to_string()]);
+                    prop_assert_eq!(get("x-hub-context"), vec![context.clone()]);
+                    prop_assert_eq!(get("x-hub-binding"), vec![binding_hex(repr.as_str(), context.as_bytes())]);
+                    let path = get("x-hub-path");
+                    prop_assert!(path.len() == 1 && path[0].rsplit(',').next().map(str::trim) == Some("hub-a"), "{:?}", path);
+                    let hops = get("x-hub-hops");
+                    prop_assert!(hops.len() == 1 && hops[0].parse::<u32>().is_ok_and(|h| h < 8), "{:?}", hops);
+                    prop_assert_eq!(get("x-request-id").len(), 1);
+                    prop_assert!(get("x-hub-other").is_empty());
+                    for (k, _) in &fields[1..] {
+                        prop_assert!(!HOP_BY_HOP.contains(&k.as_str()), "hop-by-hop {} passed", k);
+                        prop_assert!(!conn.contains(k), "{} named in Connection passed", k);
+                    }
+                    for (k, v) in &sent {
+                        let name = k.to_ascii_lowercase();
+                        if is_forwarded(k.as_bytes(), &conn.iter().map(|c| c.as_bytes()).collect::<Vec<_>>()) {
+                            let n = sent.iter().filter(|(k2, v2)| k2.eq_ignore_ascii_case(k) && v2 == v).count();
+                            let got = get(&name).iter().filter(|g| *g == v).count();
+                            prop_assert_eq!(got, n, "{} as sent", name);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

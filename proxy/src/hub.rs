@@ -442,4 +442,40 @@ mod tests {
             assert_eq!(line(bad).err(), Some(400), "{bad:?}");
         }
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            /// Any target either gets a 400 or routes on a path that starts with `/` (or is
+            /// `*`) and carries no fragment; a Host, when one routes, is what was sent.
+            #[test]
+            fn any_target_is_refused_or_split_cleanly(
+                target in prop_oneof![
+                    "[!-~]{1,40}",
+                    "(/|http://|https://|\\*|//|h:1|/_hub)[!-~]{0,30}",
+                ],
+                hosts in prop::collection::vec("[!-~]{1,10}", 0..3),
+                http10 in any::<bool>(),
+            ) {
+                let mut head = format!("GET {target} HTTP/1.{}\r\n", u8::from(!http10));
+                for h in &hosts {
+                    head.push_str(&format!("Host: {h}\r\n"));
+                }
+                head.push_str("\r\n");
+                let Ok(r) = http1::Request::parse(Bytes::from(head)) else { return Ok(()) };
+                let Ok((_, t)) = request_line(&r) else { return Ok(()) };
+                let pq = t.path_and_query.as_str();
+                prop_assert!(t.path().starts_with('/') || pq == "*", "{}", pq);
+                prop_assert!(!pq.contains('#'), "{}", pq);
+                if t.authority.is_none() {
+                    prop_assert!(hosts.len() == 1 || (http10 && hosts.is_empty()));
+                    prop_assert_eq!(t.host(&r), hosts.first().map(String::as_str));
+                }
+            }
+        }
+    }
 }

@@ -119,6 +119,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<S> {
                     }
                     Ok(httparse::Status::Complete(n)) => {
                         let status = resp.code.unwrap_or(0);
+                        if !(100..600).contains(&status) {
+                            // httparse takes any three digits; RFC 9110 §15 allows 100-599.
+                            return Err(ExchangeError::Broken(format!(
+                                "malformed response head: status {status} outside 100-599"
+                            )));
+                        }
                         if (100..200).contains(&status) && status != 101 {
                             // Interim answer (100 Continue, 103 Early Hints): the final one follows.
                             let _ = buf.split_to(n);
@@ -403,6 +409,16 @@ mod tests {
         .await;
         assert!(matches!(r, Err(ExchangeError::Broken(_))));
 
+        // Three digits, but not a status (RFC 9110 §15: 100-599); found by the fuzz below.
+        for line in ["HTTP/1.1 000 X", "HTTP/1.1 099 X", "HTTP/1.1 600 X"] {
+            let (r, _s) = exchange(
+                format!("{line}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+                false,
+            )
+            .await;
+            assert!(matches!(r, Err(ExchangeError::Broken(_))), "{line}");
+        }
+
         let (r, s) = exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", false).await;
         drop(s);
         let (mut ex, _) = r.unwrap_or_else(|e| panic!("{e:?}"));
@@ -450,5 +466,98 @@ mod tests {
         assert_eq!(&got[head.len()..], &body[..]);
         let (_, buf) = ex.into_reusable().unwrap_or_else(|| panic!("not reusable"));
         assert!(buf.is_empty());
+    }
+
+    /// Mutation fuzzing of the client side: whatever an upstream answers, the exchange ends
+    /// with a status and a body or an error, never a panic, and a length-framed body has its
+    /// declared length.
+    mod fuzz {
+        use super::*;
+        use crate::http1::tests::fuzz::mutate;
+        use proptest::prelude::*;
+
+        const SEEDS: &[&[u8]] = &[
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n4;x=y\r\nabcd\r\n0\r\nT: 1\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\n\r\nuntil close",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        ];
+
+        fn inputs() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                (
+                    prop::sample::select(SEEDS),
+                    prop::collection::vec((any::<u8>(), any::<usize>(), any::<u8>()), 0..6)
+                )
+                    .prop_map(|(seed, edits)| mutate(seed, &edits)),
+                prop::collection::vec(any::<u8>(), 0..256),
+            ]
+        }
+
+        async fn fetch(response: Vec<u8>, head_request: bool) {
+            let (a, mut b) = duplex(1 << 16);
+            b.write_all(&response)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            b.shutdown().await.unwrap_or_else(|e| panic!("{e}"));
+            let sent = Exchange::send(
+                a,
+                BytesMut::new(),
+                b"GET / HTTP/1.1\r\n\r\n",
+                b"",
+                head_request,
+            )
+            .await;
+            let Ok((mut ex, resp)) = sent else {
+                return;
+            };
+            assert!(
+                (200..600).contains(&resp.status()),
+                "final status {}",
+                resp.status()
+            );
+            let declared = match resp.framing() {
+                Framing::Length
+                    if !head_request && resp.status() != 204 && resp.status() != 304 =>
+                {
+                    resp.header("content-length")
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                }
+                _ => None,
+            };
+            let (mut got, mut pieces) = (0, 0);
+            loop {
+                match ex.piece().await {
+                    Ok(Some(p)) => {
+                        got += p.len();
+                        pieces += 1;
+                        assert!(pieces <= response.len() + 1, "more pieces than bytes");
+                    }
+                    Ok(None) => {
+                        if let Some(n) = declared {
+                            assert_eq!(got, n, "length-framed body");
+                        }
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn any_upstream_bytes_end_the_exchange(input in inputs(), head in any::<bool>()) {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap_or_else(|e| panic!("{e}"))
+                    .block_on(fetch(input, head));
+            }
+        }
     }
 }

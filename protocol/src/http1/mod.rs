@@ -838,7 +838,7 @@ fn imf_fixdate(unix: u64) -> [u8; 29] {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::{duplex, AsyncReadExt, DuplexStream};
 
@@ -1244,5 +1244,159 @@ mod tests {
         assert_eq!(s(951_782_400), "Tue, 29 Feb 2000 00:00:00 GMT");
         assert_eq!(s(1_795_391_999), "Sun, 22 Nov 2026 23:59:59 GMT");
         assert_eq!(s(1_795_478_399), "Mon, 23 Nov 2026 23:59:59 GMT");
+    }
+
+    /// Mutation fuzzing of the server side: whatever a client sends, the connection answers or
+    /// closes, never panics, and a body it hands out has the declared length.
+    pub(crate) mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Well-formed starting points: lengths, chunked with extensions and trailers,
+        /// pipelining, `Expect`, HTTP/1.0, an absolute-form target.
+        pub(crate) const SEEDS: &[&[u8]] = &[
+            b"POST /a?x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello",
+            b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n0\r\nTrailer: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+            b"PUT /e HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok",
+            b"POST http://h:1/abs HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\nx",
+            b"POST /t HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+        ];
+
+        /// One edit of a byte string: (kind, position, byte).
+        pub(crate) fn mutate(seed: &[u8], edits: &[(u8, usize, u8)]) -> Vec<u8> {
+            let mut v = seed.to_vec();
+            for &(kind, pos, byte) in edits {
+                let at = if v.is_empty() { 0 } else { pos % v.len() };
+                match kind % 5 {
+                    0 if !v.is_empty() => v[at] = byte,
+                    1 => v.insert(at, byte),
+                    2 if !v.is_empty() => {
+                        v.remove(at);
+                    }
+                    3 => v.truncate(at),
+                    // A digit, the byte that most often changes a length or a chunk size.
+                    _ => v.insert(at, b'0' + byte % 10),
+                }
+            }
+            v
+        }
+
+        pub(crate) fn inputs() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                (
+                    prop::sample::select(SEEDS),
+                    prop::collection::vec((any::<u8>(), any::<usize>(), any::<u8>()), 0..6)
+                )
+                    .prop_map(|(seed, edits)| mutate(seed, &edits)),
+                prop::collection::vec(any::<u8>(), 0..256),
+            ]
+        }
+
+        /// Serves everything `input` holds (the client then closes its side); returns how
+        /// many requests were read.
+        async fn serve(input: Vec<u8>) -> usize {
+            let (mut c, mut client, _tx) = conn();
+            client
+                .write_all(&input)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            client.shutdown().await.unwrap_or_else(|e| panic!("{e}"));
+            let drain = tokio::spawn(async move {
+                let mut sink = Vec::new();
+                let _ = client.read_to_end(&mut sink).await;
+            });
+            let mut served = 0;
+            loop {
+                match c.next_request().await {
+                    Next::Request(r) => {
+                        served += 1;
+                        assert!(served <= input.len(), "more requests than bytes");
+                        assert!(!r.method().is_empty() && !r.target().is_empty());
+                        match c.read_body(&r, 1 << 16).await {
+                            Ok(body) => {
+                                if let Some(n) = r.content_length() {
+                                    if r.header("transfer-encoding").is_none() {
+                                        assert_eq!(body.len() as u64, n);
+                                    }
+                                }
+                                if !c.respond(200, &[], b"ok").await || !c.keep_alive() {
+                                    break;
+                                }
+                            }
+                            Err(_) => {
+                                c.respond(400, &[], b"bad").await;
+                                break;
+                            }
+                        }
+                    }
+                    Next::Refused(r) => {
+                        assert!((400..500).contains(&r.status), "refusal {}", r.status);
+                        c.respond(r.status, &[], r.detail.as_bytes()).await;
+                        break;
+                    }
+                    Next::Closed => break,
+                }
+            }
+            drop(c);
+            let _ = drain.await;
+            served
+        }
+
+        fn block_on<F: std::future::Future>(f: F) -> F::Output {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("{e}"))
+                .block_on(f)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn any_client_bytes_are_answered_or_closed(input in inputs()) {
+                block_on(serve(input));
+            }
+
+            #[test]
+            fn any_head_parses_or_is_refused(input in inputs()) {
+                if let Ok(r) = Request::parse(Bytes::from(input)) {
+                    prop_assert!(!r.method().is_empty());
+                    let _ = (r.path(), r.query(), r.content_length(), r.headers().count());
+                }
+            }
+
+            /// Chunked bodies cut at arbitrary sizes, with extensions, come back whole.
+            #[test]
+            fn chunked_bodies_round_trip(
+                body in prop::collection::vec(any::<u8>(), 0..600),
+                cuts in prop::collection::vec(1usize..64, 1..20),
+                ext in any::<bool>(),
+            ) {
+                let mut wire = b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                let (mut rest, mut i) = (&body[..], 0);
+                while !rest.is_empty() {
+                    let n = cuts[i % cuts.len()].min(rest.len());
+                    wire.extend_from_slice(format!("{n:x}").as_bytes());
+                    if ext {
+                        wire.extend_from_slice(b";a=b");
+                    }
+                    wire.extend_from_slice(b"\r\n");
+                    wire.extend_from_slice(&rest[..n]);
+                    wire.extend_from_slice(b"\r\n");
+                    rest = &rest[n..];
+                    i += 1;
+                }
+                wire.extend_from_slice(b"0\r\n\r\n");
+                let got = block_on(async move {
+                    let (mut c, mut client, _tx) = conn();
+                    client.write_all(&wire).await.unwrap_or_else(|e| panic!("{e}"));
+                    let r = request(c.next_request().await);
+                    c.read_body(&r, 1 << 16).await
+                });
+                prop_assert_eq!(got.map(|b| b.to_vec()).ok(), Some(body));
+            }
+        }
     }
 }
