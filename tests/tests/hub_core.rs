@@ -479,6 +479,77 @@ async fn refusals_are_json_and_the_hub_survives_malformed_input() {
     assert!(!hub.logs().contains("panicked"), "{}", hub.logs());
 }
 
+/// Mutated requests (a fixed-seed xorshift edits well-formed ones: lengths, chunk sizes, hub
+/// headers, targets) against every hub path: each connection gets an HTTP answer or a close,
+/// the hub keeps serving, and nothing panics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutated_traffic_leaves_the_hub_serving_and_panic_free() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Recorder::start(Behaviour::Status(200)).await;
+    let (hub, _d) = hub_with(
+        "hub-a",
+        &[("up", up.url())],
+        json!([
+            { "id": "fan", "match": { "path_prefix": "/v1" }, "targets": ["up"] },
+            { "id": "px", "match": { "path_prefix": "/p" }, "targets": ["up"], "respond": "proxy" },
+            { "id": "as", "match": { "path_prefix": "/a" }, "targets": ["up"], "delivery": "async" }
+        ]),
+    )
+    .await;
+    let seeds: [&[u8]; 6] = [
+        b"POST /v1/x?q=1 HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nx-request-id: r-1\r\n\r\nhello",
+        b"POST /p HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nx-hub-path: hub-z\r\nx-hub-hops: 3\r\n\r\n3;e=1\r\nabc\r\n0\r\n\r\n",
+        b"PUT /a/1 HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nx-verification-context: c\r\nContent-Length: 2\r\n\r\nok",
+        b"POST /_hub/outcomes HTTP/1.1\r\nHost: t\r\nx-request-id: r-1\r\nx-provider-id: p\r\nx-hub-path: hub-a\r\nContent-Length: 2\r\n\r\n{}",
+        b"GET http://t/v1 HTTP/1.1\r\nHost: t\r\nConnection: keep-alive, x-a\r\nx-a: 1\r\n\r\nGET /p HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"POST /v1 HTTP/1.0\r\nContent-Length: 1\r\nx-hub-id: forged\r\n\r\nz",
+    ];
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for round in 0..300 {
+        let mut v = seeds[round % seeds.len()].to_vec();
+        for _ in 0..(next() % 4) {
+            let at = (next() as usize) % v.len().max(1);
+            let byte = next() as u8;
+            match next() % 5 {
+                0 if !v.is_empty() => v[at] = byte,
+                1 => v.insert(at, byte),
+                2 if !v.is_empty() => {
+                    v.remove(at);
+                }
+                3 => v.truncate(at),
+                _ => v.insert(at, b'0' + byte % 10),
+            }
+        }
+        let mut c = tokio::net::TcpStream::connect(&hub.addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // A refusal may close before every byte is read: write errors are expected.
+        let _ = c.write_all(&v).await;
+        let _ = c.shutdown().await;
+        let mut answer = Vec::new();
+        let _ = c.read_to_end(&mut answer).await;
+        assert!(
+            answer.is_empty() || answer.starts_with(b"HTTP/1."),
+            "input {:?} got {:?}",
+            String::from_utf8_lossy(&v),
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    let r = request(&hub.addr, "POST", "/v1/after", &[], b"still")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status, 204, "{}", hub.logs());
+    let mut hub = hub;
+    assert!(hub.alive());
+    assert!(!hub.logs().contains("panicked"), "{}", hub.logs());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_continue_and_keep_alive_with_pooled_upstreams() {
     let up = Recorder::start(Behaviour::Status(200)).await;
