@@ -513,7 +513,8 @@ async fn mutated_traffic_leaves_the_hub_serving_and_panic_free() {
     };
     for round in 0..300 {
         let mut v = seeds[round % seeds.len()].to_vec();
-        for _ in 0..(next() % 4) {
+        let edits = next() % 4;
+        for _ in 0..edits {
             let at = (next() as usize) % v.len().max(1);
             let byte = next() as u8;
             match next() % 5 {
@@ -526,20 +527,39 @@ async fn mutated_traffic_leaves_the_hub_serving_and_panic_free() {
                 _ => v.insert(at, b'0' + byte % 10),
             }
         }
-        let mut c = tokio::net::TcpStream::connect(&hub.addr)
+        let exchange = async {
+            let mut c = tokio::net::TcpStream::connect(&hub.addr)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            // A refusal may close before every byte is read: write errors are expected.
+            let _ = c.write_all(&v).await;
+            let _ = c.shutdown().await;
+            let mut answer = Vec::new();
+            let _ = c.read_to_end(&mut answer).await;
+            answer
+        };
+        // A guard against a hang, not a timing check: the hub closes at our end of stream.
+        let answer = tokio::time::timeout(WAIT, exchange)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        // A refusal may close before every byte is read: write errors are expected.
-        let _ = c.write_all(&v).await;
-        let _ = c.shutdown().await;
-        let mut answer = Vec::new();
-        let _ = c.read_to_end(&mut answer).await;
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no close within {WAIT:?} for {:?}",
+                    String::from_utf8_lossy(&v)
+                )
+            });
         assert!(
             answer.is_empty() || answer.starts_with(b"HTTP/1."),
             "input {:?} got {:?}",
             String::from_utf8_lossy(&v),
             String::from_utf8_lossy(&answer)
         );
+        if edits == 0 {
+            assert!(
+                answer.starts_with(b"HTTP/1."),
+                "an unmutated request got no answer: {:?}",
+                String::from_utf8_lossy(&v)
+            );
+        }
     }
     let r = request(&hub.addr, "POST", "/v1/after", &[], b"still")
         .await

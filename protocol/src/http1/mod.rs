@@ -1267,16 +1267,18 @@ pub(crate) mod tests {
         pub(crate) fn mutate(seed: &[u8], edits: &[(u8, usize, u8)]) -> Vec<u8> {
             let mut v = seed.to_vec();
             for &(kind, pos, byte) in edits {
+                // Inserts may land at the end; the other edits at an existing byte.
+                let end = pos % (v.len() + 1);
                 let at = if v.is_empty() { 0 } else { pos % v.len() };
                 match kind % 5 {
                     0 if !v.is_empty() => v[at] = byte,
-                    1 => v.insert(at, byte),
+                    1 => v.insert(end, byte),
                     2 if !v.is_empty() => {
                         v.remove(at);
                     }
                     3 => v.truncate(at),
                     // A digit, the byte that most often changes a length or a chunk size.
-                    _ => v.insert(at, b'0' + byte % 10),
+                    _ => v.insert(end, b'0' + byte % 10),
                 }
             }
             v
@@ -1284,12 +1286,13 @@ pub(crate) mod tests {
 
         pub(crate) fn inputs() -> impl Strategy<Value = Vec<u8>> {
             prop_oneof![
-                (
+                // Mostly near-valid input, which reaches past the parser.
+                4 => (
                     prop::sample::select(SEEDS),
                     prop::collection::vec((any::<u8>(), any::<usize>(), any::<u8>()), 0..6)
                 )
                     .prop_map(|(seed, edits)| mutate(seed, &edits)),
-                prop::collection::vec(any::<u8>(), 0..256),
+                1 => prop::collection::vec(any::<u8>(), 0..256),
             ]
         }
 
@@ -1315,10 +1318,9 @@ pub(crate) mod tests {
                         assert!(!r.method().is_empty() && !r.target().is_empty());
                         match c.read_body(&r, 1 << 16).await {
                             Ok(body) => {
+                                // (Content-Length with Transfer-Encoding is refused at parse.)
                                 if let Some(n) = r.content_length() {
-                                    if r.header("transfer-encoding").is_none() {
-                                        assert_eq!(body.len() as u64, n);
-                                    }
+                                    assert_eq!(body.len() as u64, n);
                                 }
                                 if !c.respond(200, &[], b"ok").await || !c.keep_alive() {
                                     break;
