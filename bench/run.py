@@ -144,11 +144,14 @@ def upstream_block(name, port):
     return f"  upstream {name} {{ server 127.0.0.1:{port}; keepalive 128; }}\n"
 
 
-def hub_table(hub_id, providers, route):
+def hub_table(hub_id, providers, route, pipeline=None):
+    up = {"timeout_ms": 5000}
+    if pipeline:
+        up["pipeline"] = pipeline
     return {
         "version": "bench",
         "hub": {"id": hub_id, "advertise": "http://127.0.0.1:1", "max_body_bytes": 1048576, "max_in_flight": 4096},
-        "providers": {k: {"url": v, "timeout_ms": 5000} for k, v in providers.items()},
+        "providers": {k: dict(up, url=v) for k, v in providers.items()},
         "routes": [dict({"id": "bench", "match": {"path_prefix": "/"}}, **route)],
     }
 
@@ -230,8 +233,15 @@ def hub_metric(admin, prefix):
     return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(prefix))
 
 
-def run_hub(name, args, bins, ups, slow_port, workdir, script):
-    """One measured run of the hub for a scenario (processes started and stopped here)."""
+# Scenarios whose deliveries can be pipelined (an `accept` route's deliveries; the proxy
+# scenarios' primary streams its answer, and slow_copy's only pipelinable delivery is the copy to
+# the 20 ms upstream, which answers one request at a time).
+PIPELINED = ("fanout3_confirmed", "fanout3_async", "body_64k")
+
+
+def run_hub(name, args, bins, ups, slow_port, workdir, script, pipeline=None):
+    """One measured run of the hub for a scenario (processes started and stopped here);
+    `pipeline`: the upstreams' `pipeline` setting, or None."""
     u = {f"u{i}": f"http://127.0.0.1:{p}" for i, p in enumerate(ups, 1)}
     procs = Procs(workdir)
     try:
@@ -240,10 +250,10 @@ def run_hub(name, args, bins, ups, slow_port, workdir, script):
             p, port, admin = start_hub(procs, bins, "hub", hub_table("hub-a", {"u1": u["u1"]}, {"targets": ["u1"], "respond": "proxy"}), args.hub_threads)
             pids = [p.pid]
         elif name in ("fanout3_confirmed", "body_64k"):
-            p, port, admin = start_hub(procs, bins, "hub", hub_table("hub-a", u, {"targets": ["u1", "u2", "u3"], "delivery": "confirmed"}), args.hub_threads)
+            p, port, admin = start_hub(procs, bins, "hub", hub_table("hub-a", u, {"targets": ["u1", "u2", "u3"], "delivery": "confirmed"}, pipeline), args.hub_threads)
             pids = [p.pid]
         elif name == "fanout3_async":
-            p, port, admin = start_hub(procs, bins, "hub", hub_table("hub-a", u, {"targets": ["u1", "u2", "u3"], "delivery": "async"}), args.hub_threads)
+            p, port, admin = start_hub(procs, bins, "hub", hub_table("hub-a", u, {"targets": ["u1", "u2", "u3"], "delivery": "async"}, pipeline), args.hub_threads)
             pids = [p.pid]
         elif name == "slow_copy":
             prov = {"u1": u["u1"], "slow": f"http://127.0.0.1:{slow_port}"}
@@ -260,7 +270,7 @@ def run_hub(name, args, bins, ups, slow_port, workdir, script):
             time.sleep(0.5)  # let background deliveries settle before reading the counters
             extra["dropped"] = hub_metric(admin, "hub_deliveries_dropped_total")
         res.update(extra)
-        return dict(res, scenario=name, server="multihub")
+        return dict(res, scenario=name, server="multihub+pipeline" if pipeline else "multihub")
     finally:
         procs.stop()
 
@@ -311,11 +321,14 @@ def scenario(name, args, bins, ups, slow_port, workdir):
     """Runs one scenario for both servers, alternating them for --rounds rounds (so both see the
     same phases of a machine whose speed drifts); returns the two median rows."""
     script = wrk_script(workdir, 65536) if name == "body_64k" else wrk_script(workdir, 46)
-    hub, ngx = [], []
+    piped = {"depth": args.pipeline, "connections": args.pipeline_connections} if args.pipeline and name in PIPELINED else None
+    hub, hub_piped, ngx = [], [], []
     for _ in range(args.rounds):
         hub.append(run_hub(name, args, bins, ups, slow_port, workdir, script))
+        if piped:
+            hub_piped.append(run_hub(name, args, bins, ups, slow_port, workdir, script, piped))
         ngx.append(run_nginx(name, args, ups, slow_port, workdir, script))
-    return [median_run(hub), median_run(ngx)]
+    return [median_run(hub)] + ([median_run(hub_piped)] if piped else []) + [median_run(ngx)]
 
 
 def fmt(v, spec):
@@ -331,6 +344,9 @@ def main():
     ap.add_argument("--wrk-threads", type=int, default=1)
     ap.add_argument("--hub-threads", type=int, default=1)
     ap.add_argument("--scenarios", default="proxy,fanout3_confirmed,fanout3_async,slow_copy,relay,body_64k")
+    ap.add_argument("--pipeline", type=int, default=16, metavar="DEPTH",
+                    help="also run the fan-out scenarios with the upstreams' deliveries pipelined this deep (0: not)")
+    ap.add_argument("--pipeline-connections", type=int, default=4, metavar="N", help="connections per upstream when pipelined")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--soak", type=int, default=0, metavar="SECONDS", help="instead: soak the hub proxy scenario at -c256 and sample RSS")
     ap.add_argument("--services", action="store_true", help="also run bench/provider and bench/association and add their rows")
@@ -385,21 +401,22 @@ def main():
         ref = by.get((r["scenario"], "nginx"))
         r["ratio_vs_nginx"] = r["rps"] / ref["rps"] if ref and ref["rps"] else None
         r.pop("raw", None)
-    header = f"{'scenario':<18} {'server':<9} {'rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/req':>10} {'rss MB':>7} {'errors':>6} {'dropped':>7} {'vs nginx':>8}  rps of each round"
+    header = f"{'scenario':<18} {'server':<17} {'rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/req':>10} {'rss MB':>7} {'errors':>6} {'dropped':>7} {'vs nginx':>8}  rps of each round"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['scenario']:<18} {r['server']:<9} {r['rps']:>9.0f} {fmt(r['p50_ms'], '7.2f')} {fmt(r['p99_ms'], '7.2f')} "
+        print(f"{r['scenario']:<18} {r['server']:<17} {r['rps']:>9.0f} {fmt(r['p50_ms'], '7.2f')} {fmt(r['p99_ms'], '7.2f')} "
               f"{r['cpu_us_per_req']:>10.1f} {r['peak_rss_mb']:>7.1f} {r['errors']:>6} {fmt(r.get('dropped'), '7.0f')} "
               f"{fmt(r['ratio_vs_nginx'], '7.2f')}x  {' '.join(str(x) for x in r.get('rps_rounds', []))}")
     for sv in services:
-        print(f"{sv['scenario']:<18} {sv['server']:<9} {sv['rate']:>9.0f} {sv['unit']}  ({sv['command']})")
+        print(f"{sv['scenario']:<18} {sv['server']:<17} {sv['rate']:>9.0f} {sv['unit']}  ({sv['command']})")
     meta = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpus": os.cpu_count(),
         "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
         "connections": args.connections, "duration_s": args.duration, "rounds": args.rounds, "wrk_threads": args.wrk_threads,
         "hub_threads": args.hub_threads, "nginx_workers": 1,
+        "pipeline": {"depth": args.pipeline, "connections": args.pipeline_connections} if args.pipeline else None,
         "command": " ".join(["bench/run"] + sys.argv[1:]),
     }
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)

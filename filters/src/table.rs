@@ -93,6 +93,17 @@ pub struct Upstream {
     /// Prebuilt `Host` header value.
     pub host_header: HeaderValue,
     pub timeout: Duration,
+    /// Pipelining of this upstream's deliveries (`None`: one request per connection at a time).
+    pub pipeline: Option<Pipeline>,
+}
+
+/// Validated pipelining settings of one upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Pipeline {
+    /// Most requests in flight on one connection.
+    pub depth: usize,
+    /// Connections per upstream.
+    pub connections: usize,
 }
 
 /// One outcome sink, resolved.
@@ -347,6 +358,18 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
             if u.timeout_ms == 0 || u.timeout_ms > 600_000 {
                 c.push(format!("{path}.timeout_ms"), "must be 1..=600000");
             }
+            let pipeline = u.pipeline.as_ref().map(|p| Pipeline {
+                depth: p.depth,
+                connections: p.connections,
+            });
+            if let Some(p) = &pipeline {
+                if !(2..=256).contains(&p.depth) {
+                    c.push(format!("{path}.pipeline.depth"), "must be 2..=256");
+                }
+                if !(1..=256).contains(&p.connections) {
+                    c.push(format!("{path}.pipeline.connections"), "must be 1..=256");
+                }
+            }
             let Some((url, addr, host_header)) =
                 upstream_url(&mut c, &format!("{path}.url"), &u.url)
             else {
@@ -360,6 +383,7 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
                 addr,
                 host_header,
                 timeout: Duration::from_millis(u.timeout_ms),
+                pipeline,
             });
             match kind {
                 UpstreamKind::Provider => {
@@ -629,6 +653,67 @@ pub(crate) mod tests {
         assert!(
             p.iter()
                 .any(|x| x.starts_with("$.routes[0].relay[0]: unknown peer \"hub-q\"")),
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn pipelining_is_per_upstream_and_bounded() {
+        let t = load_bytes(sample().as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            t.upstreams.iter().all(|u| u.pipeline.is_none()),
+            "off unless asked"
+        );
+        let doc = sample()
+            .replace(
+                r#""timeout_ms": 500 }"#,
+                r#""timeout_ms": 500, "pipeline": { "depth": 16 } }"#,
+            )
+            .replace(
+                r#""url": "http://127.0.0.1:8081" }"#,
+                r#""url": "http://127.0.0.1:8081", "pipeline": { "depth": 4, "connections": 2 } }"#,
+            );
+        let t = load_bytes(doc.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        let by_id = |id: &str| {
+            t.upstreams
+                .iter()
+                .find(|u| u.id == id)
+                .and_then(|u| u.pipeline)
+        };
+        assert_eq!(
+            by_id("provider-b"),
+            Some(Pipeline {
+                depth: 16,
+                connections: 4
+            })
+        );
+        assert_eq!(
+            by_id("hub-b"),
+            Some(Pipeline {
+                depth: 4,
+                connections: 2
+            })
+        );
+        assert_eq!(by_id("provider-a"), None);
+        let bad = sample().replace(
+            r#""timeout_ms": 500 }"#,
+            r#""timeout_ms": 500, "pipeline": { "depth": 1, "connections": 0 } }"#,
+        );
+        let p = problems(&bad);
+        for e in [
+            "$.providers.provider-b.pipeline.depth: must be 2..=256",
+            "$.providers.provider-b.pipeline.connections: must be 1..=256",
+        ] {
+            assert!(p.iter().any(|x| x == e), "missing {e:?} in {p:#?}");
+        }
+        let unknown = sample().replace(
+            r#""timeout_ms": 500 }"#,
+            r#""timeout_ms": 500, "pipeline": { "depth": 4, "window": 2 } }"#,
+        );
+        let p = problems(&unknown);
+        assert!(
+            p.iter()
+                .any(|x| x.starts_with("$.providers.provider-b.pipeline")),
             "{p:#?}"
         );
     }

@@ -94,6 +94,26 @@ pub struct UpstreamFile {
     /// Whole-delivery timeout: connect, send, and the complete response.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// Opt-in HTTP/1.1 pipelining of the deliveries that wait for no streamed answer (`accept`
+    /// routes, `proxy` copies): several requests per write on a few connections. Only for
+    /// upstreams that answer pipelined requests in order (RFC 9112 §9.3.2).
+    #[serde(default)]
+    pub pipeline: Option<PipelineFile>,
+}
+
+/// How an upstream's deliveries are pipelined.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineFile {
+    /// Most requests sent on one connection before their responses are read (2..=256).
+    pub depth: usize,
+    /// Connections carrying them (1..=256).
+    #[serde(default = "default_pipeline_connections")]
+    pub connections: usize,
+}
+
+fn default_pipeline_connections() -> usize {
+    4
 }
 
 /// One route.

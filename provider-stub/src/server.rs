@@ -81,6 +81,9 @@ pub struct IngestApp {
 #[async_trait]
 impl ServeHttp for IngestApp {
     async fn response(&self, s: &mut ServerSession) -> Response<Vec<u8>> {
+        // A hub may pipeline its deliveries (an upstream's `pipeline` in its table): answer
+        // them in order on the connection instead of closing it at the second request.
+        s.set_pipelining_enabled(true);
         if s.req_header().method != http::Method::POST {
             s.set_keepalive(None);
             return to_response(

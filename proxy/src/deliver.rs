@@ -245,7 +245,7 @@ impl Pool {
 /// True when an idle connection has nothing to read and is not closed: the upstream sends
 /// nothing unasked, so readable means closed (or broken). Costs no system call while tokio
 /// knows the socket is not readable.
-fn quiet(io: &TcpStream) -> bool {
+pub(crate) fn quiet(io: &TcpStream) -> bool {
     let mut b = [0u8; 1];
     matches!(io.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
@@ -254,6 +254,8 @@ fn quiet(io: &TcpStream) -> bool {
 /// the pool key is the upstream's address, so connections survive reloads).
 pub struct Deliverer {
     pool: Pool,
+    /// Lanes of the upstreams whose deliveries are pipelined.
+    pub pipes: crate::pipeline::Pipes,
 }
 
 /// An exchange positioned at its response body.
@@ -288,7 +290,7 @@ impl<'a> Request<'a> {
     }
 }
 
-async fn connect(addr: SocketAddr) -> Result<Link, Failure> {
+pub(crate) async fn connect(addr: SocketAddr) -> Result<Link, Failure> {
     let io = TcpStream::connect(addr)
         .await
         .map_err(|e| Failure::Refused(e.to_string()))?;
@@ -301,9 +303,10 @@ async fn connect(addr: SocketAddr) -> Result<Link, Failure> {
 }
 
 impl Deliverer {
-    pub fn new(pool_size: usize) -> Self {
+    pub fn new(pool_size: usize, pipes: crate::pipeline::Pipes) -> Self {
         Deliverer {
             pool: Pool::new(pool_size),
+            pipes,
         }
     }
 

@@ -78,11 +78,20 @@ impl Job<'_> {
         let Some(up) = t.table.upstream(i) else {
             return (i, Err(Failure::Broken("unknown upstream".into())));
         };
-        let head = self.out.head(up);
+        let head = Bytes::from(self.out.head(up));
         let req = Request::of(self.out, &head, self.body);
         let started = Instant::now();
         let result = retrying(self.retries, t.table.hub.retry_backoff, |_| async {
-            let r = engine.deliverer.deliver(up.addr, req, up.timeout).await;
+            let r = match up.pipeline {
+                Some(p) => {
+                    let body = self.body.clone();
+                    let pipes = &engine.deliverer.pipes;
+                    pipes
+                        .deliver(up.addr, p, head.clone(), body, req.head_only, up.timeout)
+                        .await
+                }
+                None => engine.deliverer.deliver(up.addr, req, up.timeout).await,
+            };
             t.mark(i, !matches!(&r, Err(f) if f.unreachable()));
             r
         })

@@ -5,6 +5,7 @@
 //!   `multihub_protocol::http1` (one request: route, read, deliver, answer, log).
 //! - [`deliver`]: pooled upstream deliveries (plain Tokio TCP connections,
 //!   `multihub_protocol::http1::client` exchanges).
+//! - [`pipeline`]: opt-in HTTP/1.1 pipelining of deliveries to an upstream.
 //! - [`state`]: the swapped table slot and the delivery engine.
 //! - [`server`]: building and running the Pingora server.
 
@@ -19,6 +20,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod modes;
 pub mod outcomes;
+pub mod pipeline;
 pub mod reload;
 pub mod server;
 pub mod state;

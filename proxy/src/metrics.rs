@@ -26,6 +26,9 @@ pub struct Metrics {
     pub last_reload_success: Gauge,
     pub outcomes: IntCounterVec,
     pub outcome_deliveries: IntCounterVec,
+    /// Pipelined batches written (one write each) and the deliveries they carried.
+    pub pipeline_writes: IntCounter,
+    pub pipelined_deliveries: IntCounter,
 }
 
 /// Why a delivery or copy was dropped (label values of `hub_deliveries_dropped_total`).
@@ -140,6 +143,17 @@ impl Metrics {
             "Unix time of the last successful table load.",
         )?;
         r.register(Box::new(last_reload_success.clone()))?;
+        let pipeline_writes = IntCounter::new(
+            "hub_pipeline_writes_total",
+            "Batches of pipelined deliveries written to upstreams, one write each.",
+        )?;
+        r.register(Box::new(pipeline_writes.clone()))?;
+        let pipelined_deliveries = IntCounter::new(
+            "hub_pipelined_deliveries_total",
+            "Deliveries sent in pipelined batches (divided by hub_pipeline_writes_total: the \
+             mean batch).",
+        )?;
+        r.register(Box::new(pipelined_deliveries.clone()))?;
         let dropped = counter(
             &r,
             "hub_deliveries_dropped_total",
@@ -205,6 +219,8 @@ impl Metrics {
             )?,
             deliveries_in_flight,
             deliveries_in_flight_bound,
+            pipeline_writes,
+            pipelined_deliveries,
             active_info,
             last_reload_success,
             registry: r,

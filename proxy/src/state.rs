@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 
 use crate::deliver::{Deliverer, RESULTS};
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::pipeline::Pipes;
 
 /// How long an upstream that refused or timed out is skipped by `select: {"count": N}`.
 const DOWN_FOR: Duration = Duration::from_secs(2);
@@ -276,7 +277,13 @@ pub struct Engine {
 impl Engine {
     pub fn new(metrics: Metrics, max_in_flight: usize, outcome_queue: usize) -> Engine {
         Engine {
-            deliverer: Deliverer::new(1024),
+            deliverer: Deliverer::new(
+                1024,
+                Pipes::new(
+                    metrics.pipeline_writes.clone(),
+                    metrics.pipelined_deliveries.clone(),
+                ),
+            ),
             in_flight: Slots::new(max_in_flight),
             outcome_slots: Slots::new(outcome_queue),
             metrics,

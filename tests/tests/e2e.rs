@@ -330,3 +330,87 @@ async fn a_revoked_delegation_blocks_one_provider_all_of_waits_quorum_confirms()
     assert!(!v["confirmation"].is_null(), "quorum 2 confirmed: {v}");
     assert_eq!(v["route"], "notify");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelining_hubs_still_get_each_provider_to_decide_on_each_request() {
+    // Both hubs pipeline their deliveries to providers and to the peer (opt-in per upstream).
+    let t = Topology::start(|conf| {
+        for hub in ["hub-a", "hub-b"] {
+            let f = conf.join(hub).join("routes").join("2026-11-21.1.json");
+            let text = std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{e}"));
+            let mut v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+            for section in ["providers", "peers"] {
+                if let Some(m) = v[section].as_object_mut() {
+                    for u in m.values_mut() {
+                        u["pipeline"] = json!({ "depth": 8, "connections": 1 });
+                    }
+                }
+            }
+            std::fs::write(&f, v.to_string()).unwrap_or_else(|e| panic!("{e}"));
+        }
+    })
+    .await;
+    let n = 12;
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            json!({"op": "transfer", "target": "acct-1", "amount": 40 + i})
+                .to_string()
+                .into_bytes()
+        })
+        .collect();
+    let sends: Vec<_> = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, body)| {
+            let (addr, body) = (t.addr(HUB_A), body.clone());
+            tokio::spawn(async move {
+                let id = format!("e2e-pipe-{i}");
+                let h = [
+                    ("x-request-id", id.as_str()),
+                    ("x-delegation-id", "deleg-ops"),
+                    ("content-type", "application/json"),
+                ];
+                request(&addr, "POST", "/v1/payments", &h, &body)
+                    .await
+                    .map(|r| r.status)
+            })
+        })
+        .collect();
+    for (i, s) in sends.into_iter().enumerate() {
+        let status = s
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("request {i}: {e}\n{}", t.log()));
+        assert_eq!(status, 204, "request {i}\n{}", t.component_log("hub-a"));
+    }
+    for (i, body) in bodies.iter().enumerate() {
+        let id = format!("e2e-pipe-{i}");
+        let got = receipts(&t, &id, 3).await;
+        let mut providers: Vec<&str> = got.iter().map(|(p, _, _)| p.as_str()).collect();
+        providers.sort();
+        assert_eq!(
+            providers,
+            ["provider-a", "provider-b", "provider-c"],
+            "{id}: {got:?}"
+        );
+        for (provider, _, answer) in &got {
+            assert_eq!(verdict(answer), "pass", "{id} at {provider}: {answer}");
+            // Decided on this request's own bytes: no answer went to another request.
+            assert_eq!(
+                answer["receipt"]["request_repr"],
+                repr_of(body).as_str(),
+                "{id} at {provider}"
+            );
+        }
+    }
+    let r = request(&t.addr(9180), "GET", "/metrics", &[], b"")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = String::from_utf8_lossy(r.body()).into_owned();
+    let piped = text
+        .lines()
+        .find_map(|l| l.strip_prefix("hub_pipelined_deliveries_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    // Each request went to provider-a and to hub-b.
+    assert_eq!(piped, Some(2.0 * n as f64), "{text}");
+}

@@ -514,3 +514,93 @@ async fn eventually_status(addr: &str, hdrs: &[(&str, &str)]) -> u16 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_deliveries_reach_every_target_once_on_one_connection_each() {
+    let a = Recorder::start(Behaviour::Status(204)).await;
+    let b = Recorder::start(Behaviour::Body(200, b"ack".to_vec())).await;
+    let dir = TempDir::new("modes");
+    let piped = json!({ "depth": 8, "connections": 1 });
+    let t = json!({
+        "version": "v1",
+        "hub": { "id": "hub-a", "advertise": "http://127.0.0.1:1" },
+        "providers": {
+            "a": { "url": a.url(), "pipeline": piped },
+            "b": { "url": b.url(), "pipeline": piped },
+        },
+        "routes": [
+            { "id": "sure", "match": { "path_prefix": "/sure" }, "targets": ["a", "b"],
+              "respond": "accept", "delivery": "confirmed" },
+            { "id": "bg", "match": { "path_prefix": "/bg" }, "targets": ["a", "b"],
+              "respond": "accept", "delivery": "async" },
+        ],
+    });
+    let f = dir.write("t.json", t.to_string());
+    let hub = HubProc::start(&f, &[]).await;
+    let n = 24;
+    let sends = (0..n).map(|i| {
+        let addr = hub.addr.clone();
+        tokio::spawn(async move {
+            let (path, id) = if i % 2 == 0 {
+                ("/sure", format!("pipe-{i}"))
+            } else {
+                ("/bg", format!("pipe-{i}"))
+            };
+            request(&addr, "POST", path, &[("x-request-id", &id)], id.as_bytes())
+                .await
+                .map(|r| r.status)
+        })
+    });
+    let sends: Vec<_> = sends.collect();
+    for (i, r) in sends.into_iter().enumerate() {
+        let status = r
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {e}"))
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(status, 204, "request {i}");
+    }
+    for (name, up) in [("a", &a), ("b", &b)] {
+        eventually(&format!("{name} got every request"), WAIT, || {
+            (up.count() == n).then_some(())
+        })
+        .await;
+        let mut ids: Vec<String> = up
+            .requests()
+            .iter()
+            .map(|r| {
+                let id = r.header("x-request-id").unwrap_or("").to_string();
+                assert_eq!(
+                    r.body,
+                    id.as_bytes(),
+                    "{name}: a body went with another head"
+                );
+                id
+            })
+            .collect();
+        ids.sort();
+        let mut want: Vec<String> = (0..n).map(|i| format!("pipe-{i}")).collect();
+        want.sort();
+        assert_eq!(ids, want, "{name}: each request exactly once");
+        assert_eq!(up.connections(), 1, "{name}: one pipelined connection");
+    }
+    eventually_async("every delivery counted as delivered", WAIT, || async {
+        let ok = |r: &'static str, t: &'static str| {
+            format!("hub_deliveries_total{{result=\"ok\",route=\"{r}\",target=\"{t}\"}}")
+        };
+        let mut sum = 0.0;
+        for (r, t) in [("sure", "a"), ("sure", "b"), ("bg", "a"), ("bg", "b")] {
+            sum += hub.metric(&ok(r, t)).await;
+        }
+        (sum == 2.0 * n as f64).then_some(())
+    })
+    .await;
+    assert_eq!(
+        hub.metric("hub_pipelined_deliveries_total").await,
+        2.0 * n as f64
+    );
+    let writes = hub.metric("hub_pipeline_writes_total").await;
+    assert!(
+        (1.0..=2.0 * n as f64).contains(&writes),
+        "batches written: {writes}"
+    );
+}

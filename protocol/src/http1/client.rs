@@ -105,8 +105,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<S> {
             .map_err(before)?;
         io.flush().await.map_err(before)?;
         buf.clear();
+        Self::receive(io, buf, head_request).await
+    }
+
+    /// Reads the response head of a request already sent, skipping interim (1xx) responses.
+    /// `buf` may already hold bytes of it: on a pipelined connection, what the previous
+    /// exchange read past its own response ([`Exchange::into_pipelined`]). An error counts as
+    /// [`ExchangeError::BeforeResponse`] only when no byte of it had arrived.
+    pub async fn receive(
+        mut io: S,
+        mut buf: BytesMut,
+        head_request: bool,
+    ) -> Result<(Exchange<S>, ResponseHead), ExchangeError> {
+        let before = |e: std::io::Error| ExchangeError::BeforeResponse(e.to_string());
         buf.reserve(READ_CHUNK);
-        let mut got_any = false;
+        let mut got_any = !buf.is_empty();
         loop {
             if !buf.is_empty() {
                 let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -201,6 +214,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<S> {
     /// may carry another.
     pub fn into_reusable(self) -> Option<(S, BytesMut)> {
         (self.is_done() && self.keep_alive && self.buf.is_empty()).then_some((self.io, self.buf))
+    }
+
+    /// Like [`Exchange::into_reusable`], for a connection carrying pipelined requests: the
+    /// read buffer may hold the start of the next response, and goes on with the connection.
+    pub fn into_pipelined(self) -> Option<(S, BytesMut)> {
+        (self.is_done() && self.keep_alive).then_some((self.io, self.buf))
     }
 }
 
