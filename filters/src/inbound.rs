@@ -101,10 +101,18 @@ pub fn inbound<H: Headers + ?Sized>(headers: &H) -> Result<Inbound, Reject> {
             if n == 0 {
                 None
             } else {
-                // Validated as ASCII ids.
-                Some(HeaderValue::from_bytes(v).map_err(|_| {
-                    Reject::new(400, "bad_hub_path", "x-hub-path is not a header value")
-                })?)
+                let bad = || Reject::new(400, "bad_hub_path", "x-hub-path is not a header value");
+                let commas = v.iter().filter(|b| **b == b',').count();
+                if commas + 1 == n && !v.iter().any(u8::is_ascii_whitespace) {
+                    // Validated as ASCII ids, one per element.
+                    Some(HeaderValue::from_bytes(v).map_err(|_| bad())?)
+                } else {
+                    // Empty elements or spaces (`a,,b`, `a, b`, `a,`): forwarded as the ids
+                    // alone, so the path this hub appends to names no empty hop.
+                    let s = std::str::from_utf8(v).map_err(|_| bad())?;
+                    let ids: Vec<&str> = path_ids(s).collect();
+                    Some(HeaderValue::from_str(&ids.join(",")).map_err(|_| bad())?)
+                }
             }
         }
         None => None,
@@ -196,8 +204,21 @@ mod tests {
         assert_eq!(i.hops_in, Some(3));
         assert_eq!(
             i.path_in.as_ref().map(|v| v.as_bytes()),
-            Some(&b"hub-a, hub-b"[..])
+            Some(&b"hub-a,hub-b"[..]),
+            "the ids alone"
         );
+        for (sent, kept) in [
+            ("hub-a,,hub-b,", "hub-a,hub-b"),
+            ("a,b", "a,b"),
+            (" a ", "a"),
+        ] {
+            let i = inbound(&h(&[("x-hub-path", sent)])).unwrap_or_else(|r| panic!("{r:?}"));
+            assert_eq!(
+                i.path_in.as_ref().map(|v| v.as_bytes()),
+                Some(kept.as_bytes()),
+                "{sent:?}"
+            );
+        }
         assert_eq!(i.context, "c1");
         assert_eq!(
             path_ids("hub-a, hub-b").collect::<Vec<_>>(),
