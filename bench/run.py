@@ -150,7 +150,10 @@ def hub_table(hub_id, providers, route, pipeline=None):
         up["pipeline"] = pipeline
     return {
         "version": "bench",
-        "hub": {"id": hub_id, "advertise": "http://127.0.0.1:1", "max_body_bytes": 1048576, "max_in_flight": 4096},
+        # async_wait_ms: at the in-flight bound an async request waits for slots (back-pressure,
+        # as nginx's mirror has by design) instead of its deliveries being dropped.
+        "hub": {"id": hub_id, "advertise": "http://127.0.0.1:1", "max_body_bytes": 1048576, "max_in_flight": 4096,
+                "async_wait_ms": 1000},
         "providers": {k: dict(up, url=v) for k, v in providers.items()},
         "routes": [dict({"id": "bench", "match": {"path_prefix": "/"}}, **route)],
     }
@@ -239,6 +242,21 @@ def hub_metric(admin, prefix):
 PIPELINED = ("fanout3_confirmed", "fanout3_async", "body_64k")
 
 
+def hub_metrics_by(admin, prefix):
+    """Every nonzero sample of a metric family, by its labels."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except Exception:
+        return {}
+    out = {}
+    for l in text.splitlines():
+        if l.startswith(prefix) and not l.endswith(" 0"):
+            k, v = l.rsplit(" ", 1)
+            out[k[len(prefix):]] = float(v)
+    return out
+
+
 def run_hub(name, args, bins, ups, slow_port, workdir, script, pipeline=None):
     """One measured run of the hub for a scenario (processes started and stopped here);
     `pipeline`: the upstreams' `pipeline` setting, or None."""
@@ -269,6 +287,8 @@ def run_hub(name, args, bins, ups, slow_port, workdir, script, pipeline=None):
         if name in ("fanout3_async", "slow_copy"):
             time.sleep(0.5)  # let background deliveries settle before reading the counters
             extra["dropped"] = hub_metric(admin, "hub_deliveries_dropped_total")
+            extra["dropped_by"] = hub_metrics_by(admin, "hub_deliveries_dropped_total")
+            extra["failed"] = {k: v for k, v in hub_metrics_by(admin, "hub_deliveries_total").items() if 'result="ok"' not in k}
         res.update(extra)
         return dict(res, scenario=name, server="multihub+pipeline" if pipeline else "multihub")
     finally:

@@ -125,6 +125,8 @@ pub struct HubSettings {
     pub max_in_flight: usize,
     pub async_retries: u32,
     pub retry_backoff: Duration,
+    /// `async_wait_ms`: an async request's wait for in-flight slots (zero: none).
+    pub async_wait: Duration,
     pub outcome_queue: usize,
     pub outcome_retries: u32,
 }
@@ -307,6 +309,9 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
     if h.max_in_flight == 0 || h.max_in_flight > MAX_SLOTS {
         c.push("$.hub.max_in_flight", SLOTS_RANGE);
     }
+    if h.async_wait_ms > 600_000 {
+        c.push("$.hub.async_wait_ms", "must be at most 600000");
+    }
     if h.async_retries > 10 {
         c.push("$.hub.async_retries", "must be at most 10");
     }
@@ -335,6 +340,7 @@ pub fn compile(file: &RoutesFile) -> Result<RoutingTable, ConfigError> {
         max_in_flight: h.max_in_flight,
         async_retries: h.async_retries,
         retry_backoff: Duration::from_millis(h.retry_backoff_ms),
+        async_wait: Duration::from_millis(h.async_wait_ms),
         outcome_queue: h.outcome_queue,
         outcome_retries: h.outcome_retries,
     };
@@ -722,12 +728,13 @@ pub(crate) mod tests {
     fn bounds_that_size_semaphores_have_a_ceiling() {
         let doc = sample().replace(
             r#""max_hops": 8"#,
-            r#""max_hops": 8, "max_in_flight": 1000001, "outcome_queue": 0"#,
+            r#""max_hops": 8, "max_in_flight": 1000001, "outcome_queue": 0, "async_wait_ms": 600001"#,
         );
         let p = problems(&doc);
         for e in [
             "$.hub.max_in_flight: must be between 1 and 1000000",
             "$.hub.outcome_queue: must be between 1 and 1000000",
+            "$.hub.async_wait_ms: must be at most 600000",
         ] {
             assert!(p.iter().any(|x| x == e), "missing {e:?} in {p:#?}");
         }

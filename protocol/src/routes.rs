@@ -40,6 +40,11 @@ pub struct HubFile {
     /// Retries of one async delivery after a connect error, timeout or 5xx (0 = one attempt).
     #[serde(default = "default_async_retries")]
     pub async_retries: u32,
+    /// How long an `async` request waits for in-flight slots when `max_in_flight` is reached
+    /// before its deliveries are dropped (0 = drop at once). A wait delays that request's 204:
+    /// back-pressure on requesters instead of loss when the providers fall behind.
+    #[serde(default)]
+    pub async_wait_ms: u64,
     /// First retry delay; doubles per attempt.
     #[serde(default = "default_retry_backoff_ms")]
     pub retry_backoff_ms: u64,

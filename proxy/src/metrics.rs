@@ -29,6 +29,8 @@ pub struct Metrics {
     /// Pipelined batches written (one write each) and the deliveries they carried.
     pub pipeline_writes: IntCounter,
     pub pipelined_deliveries: IntCounter,
+    /// `async` requests waiting for in-flight slots now (`hub.async_wait_ms`).
+    pub async_waiting: IntGauge,
 }
 
 /// Why a delivery or copy was dropped (label values of `hub_deliveries_dropped_total`).
@@ -154,6 +156,12 @@ impl Metrics {
              mean batch).",
         )?;
         r.register(Box::new(pipelined_deliveries.clone()))?;
+        let async_waiting = IntGauge::new(
+            "hub_async_waiting",
+            "Async requests waiting for in-flight slots now (hub.async_wait_ms; their 204 waits \
+             with them).",
+        )?;
+        r.register(Box::new(async_waiting.clone()))?;
         let dropped = counter(
             &r,
             "hub_deliveries_dropped_total",
@@ -221,6 +229,7 @@ impl Metrics {
             deliveries_in_flight_bound,
             pipeline_writes,
             pipelined_deliveries,
+            async_waiting,
             active_info,
             last_reload_success,
             registry: r,

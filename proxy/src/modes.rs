@@ -12,6 +12,8 @@ use multihub_protocol::routes::{Delivery, Order};
 use pingora_error::{Error, ErrorType, Result};
 use serde::Serialize;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::deliver::{Failure, Fetched, Request};
 use crate::fanout::{count_dropped, slot_within, Job, Outcome};
@@ -99,7 +101,13 @@ impl Hub {
         match route.delivery {
             Delivery::Async => {
                 ctx.delivered = list.len() as u16;
-                self.spawn_background(t, plan.route, out, body, list, Bound::Hub);
+                let wait = t.table.hub.async_wait;
+                if wait.is_zero() || route.order != Order::Parallel {
+                    self.spawn_background(t, plan.route, out, body, list, Bound::Hub);
+                } else {
+                    self.admit_then_spawn(t, plan.route, out, body, list, wait)
+                        .await;
+                }
                 Self::respond(session, ctx, 204, None).await
             }
             Delivery::Confirmed => {
@@ -330,6 +338,76 @@ impl Hub {
                 return;
             }
         }
+        self.spawn_admitted(t, route, out, body, list, slots, retries, order, admitted);
+    }
+
+    /// `accept` + `async` (parallel) with `hub.async_wait_ms`: takes a slot per delivery,
+    /// waiting up to `wait` in all when none is free (the request's 204 waits with it), and
+    /// spawns what was admitted; a delivery with no slot by then is dropped and counted.
+    async fn admit_then_spawn(
+        &self,
+        t: &Arc<HubTable>,
+        route: usize,
+        out: Outbound,
+        body: Bytes,
+        list: Vec<usize>,
+        wait: Duration,
+    ) {
+        let slots = self.engine.in_flight.shared();
+        let mut deadline = None;
+        let mut admitted = Vec::with_capacity(list.len());
+        for &i in &list {
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    let until = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+                    let waiting = &self.engine.metrics.async_waiting;
+                    waiting.inc();
+                    let p = tokio::time::timeout_at(until, slots.clone().acquire_owned())
+                        .await
+                        .ok()
+                        .and_then(Result::ok);
+                    waiting.dec();
+                    p
+                }
+            };
+            match permit {
+                Some(p) => admitted.push((i, p)),
+                None => count_dropped(&self.engine, t, route, i),
+            }
+        }
+        if admitted.is_empty() {
+            return;
+        }
+        let retries = t.table.hub.async_retries;
+        self.spawn_admitted(
+            t,
+            route,
+            out,
+            body,
+            list,
+            slots,
+            retries,
+            Order::Parallel,
+            admitted,
+        );
+    }
+
+    /// Spawns the background task of [`Hub::spawn_background`]: the `admitted` deliveries
+    /// (parallel) or all of `list` (sequential, slots taken one by one inside).
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_admitted(
+        &self,
+        t: &Arc<HubTable>,
+        route: usize,
+        out: Outbound,
+        body: Bytes,
+        list: Vec<usize>,
+        slots: Arc<Semaphore>,
+        retries: u32,
+        order: Order,
+        admitted: Vec<(usize, OwnedSemaphorePermit)>,
+    ) {
         let engine = self.engine.clone();
         let t = t.clone();
         let busy = Busy::background(&engine);

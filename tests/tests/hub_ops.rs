@@ -614,6 +614,51 @@ async fn upgrade_hands_over_listeners_without_failed_requests() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_async_wait_a_request_at_the_bound_waits_for_a_slot_instead_of_dropping() {
+    const DROPPED: &str = "hub_deliveries_dropped_total{reason=\"in_flight_full\"}";
+    for (wait_ms, dropped) in [(600_000, 0.0), (1, 1.0)] {
+        let held = Recorder::start(Behaviour::Gated).await;
+        let dir = TempDir::new("wait");
+        let mut t: serde_json::Value =
+            serde_json::from_str(&bounded("w", 1, &held.url())).unwrap_or_else(|e| panic!("{e}"));
+        t["hub"]["async_wait_ms"] = json!(wait_ms);
+        let f = dir.write("t.json", t.to_string());
+        let hub = HubProc::start(&f, &[]).await;
+        let r = request(&hub.addr, "POST", "/", &[], b"first")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status, 204);
+        eventually("the first delivery holds the only slot", WAIT, || {
+            (held.count() == 1).then_some(())
+        })
+        .await;
+        let addr = hub.addr.clone();
+        let second = tokio::spawn(async move { request(&addr, "POST", "/", &[], b"second").await });
+        if wait_ms > 1 {
+            eventually_async("the second request waits for the slot", WAIT, || async {
+                (metric(&hub, "hub_async_waiting").await == 1.0).then_some(())
+            })
+            .await;
+            assert!(!second.is_finished(), "its 204 waits with it");
+            held.open_gate();
+        }
+        let r = second
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status, 204, "wait {wait_ms} ms");
+        assert_eq!(metric(&hub, DROPPED).await, dropped, "wait {wait_ms} ms");
+        assert_eq!(metric(&hub, "hub_async_waiting").await, 0.0);
+        if wait_ms > 1 {
+            eventually("the second delivered once the first ended", WAIT, || {
+                (held.count() == 2).then_some(())
+            })
+            .await;
+        }
+    }
+}
+
 /// A version whose only route delivers `async` to `target`, with `hub.max_in_flight` = `bound`.
 /// Held deliveries neither time out nor retry (either would reach the target again and skew the
 /// counts on a slow machine).
