@@ -147,13 +147,13 @@ impl Metrics {
         r.register(Box::new(last_reload_success.clone()))?;
         let pipeline_writes = IntCounter::new(
             "hub_pipeline_writes_total",
-            "Batches of pipelined deliveries written to upstreams, one write each.",
+            "Batches of pipelined deliveries written to upstreams (one vectored write each).",
         )?;
         r.register(Box::new(pipeline_writes.clone()))?;
         let pipelined_deliveries = IntCounter::new(
             "hub_pipelined_deliveries_total",
-            "Deliveries sent in pipelined batches (divided by hub_pipeline_writes_total: the \
-             mean batch).",
+            "Requests sent in pipelined batches, a request sent again after a closed \
+             connection counted again (divided by hub_pipeline_writes_total: the mean batch).",
         )?;
         r.register(Box::new(pipelined_deliveries.clone()))?;
         let async_waiting = IntGauge::new(

@@ -57,6 +57,23 @@ struct CollectBody<'a> {
     responses: Vec<Collected<'a>>,
 }
 
+/// Counts one waiting request in a gauge for as long as it lives (also when the waiting
+/// request is cancelled).
+struct Waiting<'a>(&'a prometheus::IntGauge);
+
+impl<'a> Waiting<'a> {
+    fn new(g: &'a prometheus::IntGauge) -> Self {
+        g.inc();
+        Waiting(g)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Which in-flight bound background deliveries count against.
 #[derive(Clone, Copy)]
 enum Bound {
@@ -341,9 +358,10 @@ impl Hub {
         self.spawn_admitted(t, route, out, body, list, slots, retries, order, admitted);
     }
 
-    /// `accept` + `async` (parallel) with `hub.async_wait_ms`: takes a slot per delivery,
-    /// waiting up to `wait` in all when none is free (the request's 204 waits with it), and
-    /// spawns what was admitted; a delivery with no slot by then is dropped and counted.
+    /// `accept` + `async` (parallel) with `hub.async_wait_ms`: takes the request's slots (one
+    /// per delivery) all at once, waiting up to `wait` for them when they are not free (the
+    /// request's 204 waits with it), and spawns what was admitted. After the wait, a delivery
+    /// with no free slot is dropped and counted.
     async fn admit_then_spawn(
         &self,
         t: &Arc<HubTable>,
@@ -354,26 +372,36 @@ impl Hub {
         wait: Duration,
     ) {
         let slots = self.engine.in_flight.shared();
-        let mut deadline = None;
         let mut admitted = Vec::with_capacity(list.len());
-        for &i in &list {
-            let permit = match slots.clone().try_acquire_owned() {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    let until = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
-                    let waiting = &self.engine.metrics.async_waiting;
-                    waiting.inc();
-                    let p = tokio::time::timeout_at(until, slots.clone().acquire_owned())
-                        .await
-                        .ok()
-                        .and_then(Result::ok);
-                    waiting.dec();
-                    p
+        let n = u32::try_from(list.len()).unwrap_or(u32::MAX);
+        // All of the request's slots at once: a request never holds some while it waits
+        // for more (holding them idle could leave every slot parked and nothing in flight).
+        let all = match slots.clone().try_acquire_many_owned(n) {
+            Ok(p) => Some(p),
+            Err(_) => {
+                let _waiting = Waiting::new(&self.engine.metrics.async_waiting);
+                tokio::time::timeout(wait, slots.clone().acquire_many_owned(n))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+        };
+        match all {
+            Some(mut all) => {
+                for &i in &list {
+                    if let Some(one) = all.split(1) {
+                        admitted.push((i, one));
+                    }
                 }
-            };
-            match permit {
-                Some(p) => admitted.push((i, p)),
-                None => count_dropped(&self.engine, t, route, i),
+            }
+            None => {
+                // Waited long enough: what is free now goes out, the rest is dropped.
+                for &i in &list {
+                    match slots.clone().try_acquire_owned() {
+                        Ok(p) => admitted.push((i, p)),
+                        Err(_) => count_dropped(&self.engine, t, route, i),
+                    }
+                }
             }
         }
         if admitted.is_empty() {

@@ -3,23 +3,27 @@
 //! Without it every delivery holds one upstream connection for its whole exchange: a request
 //! write, a response read, and under load as many connections as deliveries in flight. With
 //! it, an upstream's deliveries queue in one [`Lane`] served by `connections` workers; a free
-//! worker takes up to `depth` queued requests (and at most [`BATCH_BYTES`] of them, so a batch
-//! cannot fill both directions' socket buffers while nothing reads), writes them in one
-//! vectored write, and reads the responses in order, answering each delivery as its response
-//! completes. Under load that is one write and about one read for many deliveries.
+//! worker takes up to `depth` queued requests (and at most [`BATCH_BYTES`] of them, which
+//! keeps a batch's write short; responses are read only after it, so an upstream whose answers
+//! are large enough to fill both directions' socket buffers stalls the batch until its
+//! timeout), writes them in one vectored write, and reads the responses in order, answering
+//! each delivery as its response completes. Under load that is one write and about one read
+//! for many deliveries.
 //!
 //! A response is attributed only by its position (RFC 9112 §9.3.2), which is why this is
 //! opt-in, for upstreams known to answer pipelined requests in order. When the upstream ends a
 //! connection after answering some of a batch (`Connection: close`, or an upstream that takes
-//! no pipelined requests and closes after the first), the unanswered rest goes back to the head
-//! of the lane and out again on a new connection (each round answers at least one). A
-//! response that breaks midway fails its delivery as `broken` (retried where the route
-//! retries: safe, since providers deduplicate by request id), and the ones behind it go again.
-//! A reused connection that fails before any byte of the batch's first response is retried
-//! once on a fresh connection, as for unpipelined deliveries; a fresh one that does fails the
-//! whole batch. Only deliveries whose response is drained go through a lane (`accept` routes,
-//! `proxy` copies); a `proxy` primary streams its response and `collect` captures one, each
-//! on its own connection.
+//! no pipelined requests and closes after the first, which may also fail the rest of the
+//! write), the unanswered rest goes back to the head of the lane and out again on a new
+//! connection (each round answers at least one). A response that breaks (cut midway,
+//! malformed) fails its delivery as `broken` (retried where the route retries: safe, since
+//! providers deduplicate by request id), and the ones behind it go again. A reused connection
+//! that fails before any byte of the batch's first response is retried once on a fresh
+//! connection, as for unpipelined deliveries; a fresh one that does fails the whole batch.
+//! Connecting and the exchange share the batch's deadline. Only deliveries whose response is
+//! drained go through a lane (`accept` routes, `proxy` copies); a `proxy` primary streams its
+//! response and `collect` captures one, each on its own connection. A lane idle (no job, no
+//! connection) for [`IDLE_TIMEOUT`] is retired with its workers.
 
 use bytes::Bytes;
 use multihub_filters::table::Pipeline;
@@ -28,8 +32,9 @@ use prometheus::IntCounter;
 use std::collections::{HashMap, VecDeque};
 use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
 use crate::deliver::{connect, quiet, Failure, Link, IDLE_TIMEOUT};
@@ -54,17 +59,29 @@ impl Job {
 
 /// The queue of one upstream's pipelined deliveries, and the signal its workers wait on.
 struct Lane {
-    queue: Mutex<VecDeque<Job>>,
+    queue: Mutex<Queue>,
     ready: Notify,
+    /// Set (under the [`Pipes`] map lock) when the lane idled out and left the map: its
+    /// workers end, and the next delivery to the upstream makes a new lane.
+    retired: AtomicBool,
 }
 
-/// Every lane of the process, by upstream address and settings (a reload that changes an
-/// upstream's settings gets a new lane; the old one's workers close their connections once
-/// idle for [`IDLE_TIMEOUT`]).
-pub struct Pipes {
-    lanes: Mutex<HashMap<(SocketAddr, Pipeline), Arc<Lane>>>,
-    counters: Counters,
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// When a job was last queued.
+    last: Instant,
 }
+
+/// Every lane of the process, by upstream address and settings. A lane whose workers found
+/// nothing to do for `idle` (and hold no connection) is retired: it leaves the map and its
+/// workers end, so lanes of addresses or settings a reload dropped do not linger.
+pub struct Pipes {
+    lanes: Arc<Mutex<Lanes>>,
+    counters: Counters,
+    idle: Duration,
+}
+
+type Lanes = HashMap<(SocketAddr, Pipeline), Arc<Lane>>;
 
 /// `hub_pipeline_writes_total` and `hub_pipelined_deliveries_total`.
 #[derive(Clone)]
@@ -73,30 +90,65 @@ struct Counters {
     sent: IntCounter,
 }
 
+/// What a worker needs besides its lane.
+#[derive(Clone)]
+struct Ctx {
+    key: (SocketAddr, Pipeline),
+    lanes: Arc<Mutex<Lanes>>,
+    counters: Counters,
+    idle: Duration,
+}
+
 impl Pipes {
-    /// No lanes yet; `writes` counts batches written, `sent` the deliveries in them.
+    /// No lanes yet; `writes` counts batches written, `sent` the requests in them.
     pub fn new(writes: IntCounter, sent: IntCounter) -> Pipes {
+        Pipes::with_idle(writes, sent, IDLE_TIMEOUT)
+    }
+
+    /// Like [`Pipes::new`], with connections closed and lanes retired after `idle`.
+    pub fn with_idle(writes: IntCounter, sent: IntCounter, idle: Duration) -> Pipes {
         Pipes {
-            lanes: Mutex::new(HashMap::new()),
+            lanes: Arc::new(Mutex::new(HashMap::new())),
             counters: Counters { writes, sent },
+            idle,
         }
     }
 
-    fn lane(&self, addr: SocketAddr, p: Pipeline) -> Arc<Lane> {
+    /// How many lanes exist now.
+    pub fn lanes(&self) -> usize {
+        self.lanes.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Queues `job` on the lane of `(addr, p)`, made (with its workers) if there is none. The
+    /// job is queued under the map lock, so it never lands in a lane being retired.
+    fn submit(&self, addr: SocketAddr, p: Pipeline, job: Job) {
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-        lanes
-            .entry((addr, p))
-            .or_insert_with(|| {
-                let lane = Arc::new(Lane {
-                    queue: Mutex::new(VecDeque::new()),
-                    ready: Notify::new(),
-                });
-                for _ in 0..p.connections {
-                    tokio::spawn(work(lane.clone(), addr, p.depth, self.counters.clone()));
-                }
-                lane
-            })
-            .clone()
+        let lane = lanes.entry((addr, p)).or_insert_with(|| {
+            let lane = Arc::new(Lane {
+                queue: Mutex::new(Queue {
+                    jobs: VecDeque::new(),
+                    last: Instant::now(),
+                }),
+                ready: Notify::new(),
+                retired: AtomicBool::new(false),
+            });
+            let ctx = Ctx {
+                key: (addr, p),
+                lanes: self.lanes.clone(),
+                counters: self.counters.clone(),
+                idle: self.idle,
+            };
+            for _ in 0..p.connections {
+                tokio::spawn(work(lane.clone(), ctx.clone()));
+            }
+            lane
+        });
+        {
+            let mut q = lane.queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.jobs.push_back(job);
+            q.last = Instant::now();
+        }
+        lane.ready.notify_one();
     }
 
     /// Delivers one request through `addr`'s lane; `Ok(status)` is a 2xx. Fails with
@@ -111,19 +163,15 @@ impl Pipes {
         head_only: bool,
         timeout: Duration,
     ) -> Result<u16, Failure> {
-        let lane = self.lane(addr, p);
         let (done, answer) = oneshot::channel();
-        lane.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(Job {
-                head,
-                body,
-                head_only,
-                timeout,
-                done,
-            });
-        lane.ready.notify_one();
+        let job = Job {
+            head,
+            body,
+            head_only,
+            timeout,
+            done,
+        };
+        self.submit(addr, p, job);
         let status = match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(r)) => r?,
             Ok(Err(_)) => return Err(Failure::Broken("the pipeline worker stopped".into())),
@@ -137,49 +185,71 @@ impl Pipes {
     }
 }
 
-/// One connection's worker: takes batches off the lane until the process ends.
-async fn work(lane: Arc<Lane>, addr: SocketAddr, depth: usize, counters: Counters) {
+/// Takes the next batch off the lane: up to `depth` jobs and [`BATCH_BYTES`] (a single larger
+/// job goes alone), skipping jobs whose caller gave up (they are never sent).
+fn take(lane: &Lane, depth: usize, batch: &mut VecDeque<Job>) {
+    let mut q = lane.queue.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bytes = 0;
+    while batch.len() < depth {
+        match q.jobs.front() {
+            Some(j) if j.done.is_closed() => {
+                q.jobs.pop_front();
+            }
+            Some(j) if batch.is_empty() || bytes + j.len() <= BATCH_BYTES => {
+                bytes += j.len();
+                batch.extend(q.jobs.pop_front());
+            }
+            _ => break,
+        }
+    }
+}
+
+/// Retires `lane` if nothing was queued on it for `ctx.idle`: takes it out of the map and
+/// marks it, under the map lock (which every submission holds). True when it is retired.
+fn retire(lane: &Arc<Lane>, ctx: &Ctx) -> bool {
+    let mut lanes = ctx.lanes.lock().unwrap_or_else(|e| e.into_inner());
+    if lane.retired.load(Ordering::SeqCst) {
+        return true;
+    }
+    let q = lane.queue.lock().unwrap_or_else(|e| e.into_inner());
+    if !q.jobs.is_empty() || q.last.elapsed() < ctx.idle {
+        return false;
+    }
+    drop(q);
+    if lanes.get(&ctx.key).is_some_and(|l| Arc::ptr_eq(l, lane)) {
+        lanes.remove(&ctx.key);
+    }
+    lane.retired.store(true, Ordering::SeqCst);
+    true
+}
+
+/// One connection's worker: takes batches off the lane until the lane is retired.
+async fn work(lane: Arc<Lane>, ctx: Ctx) {
+    let depth = ctx.key.1.depth;
     let mut link: Option<Link> = None;
     let mut batch = VecDeque::with_capacity(depth);
     loop {
-        {
-            let mut queue = lane.queue.lock().unwrap_or_else(|e| e.into_inner());
-            let mut bytes = 0;
-            while batch.len() < depth {
-                match queue.front() {
-                    Some(j) if batch.is_empty() || bytes + j.len() <= BATCH_BYTES => {
-                        bytes += j.len();
-                        batch.extend(queue.pop_front());
-                    }
-                    _ => break,
-                }
-            }
-        }
+        take(&lane, depth, &mut batch);
         if batch.is_empty() {
-            if link.is_some() {
-                if tokio::time::timeout(IDLE_TIMEOUT, lane.ready.notified())
-                    .await
-                    .is_err()
-                {
-                    link = None;
+            if tokio::time::timeout(ctx.idle, lane.ready.notified())
+                .await
+                .is_err()
+            {
+                // Idle: close the connection; with none, end if the whole lane is idle.
+                if link.take().is_none() && retire(&lane, &ctx) {
+                    return;
                 }
-            } else {
-                lane.ready.notified().await;
             }
             continue;
         }
-        // Jobs whose caller gave up (timed out) are not sent.
-        batch.retain(|j| !j.done.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-        link = run(&lane, link, addr, &mut batch, &counters).await;
+        link = run(&lane, link, ctx.key.0, &mut batch, &ctx.counters).await;
     }
 }
 
 /// Sends `batch` on `link` (or a fresh connection) and answers every job in it, or puts the
 /// ones the upstream left unanswered back at the head of `lane`. Returns the connection when it
-/// can carry the next batch.
+/// can carry the next batch. Connecting, writing and reading share one deadline: the longest
+/// timeout of the batch's jobs.
 async fn run(
     lane: &Lane,
     link: Option<Link>,
@@ -192,17 +262,24 @@ async fn run(
         .map(|j| j.timeout)
         .max()
         .unwrap_or(IDLE_TIMEOUT);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let dial = || async move {
+        match tokio::time::timeout_at(deadline, connect(addr)).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure::Timeout),
+        }
+    };
     let reused = link.filter(|l| l.buf.is_empty() && quiet(&l.io));
     let mut fresh = reused.is_none();
     let mut link = match reused {
         Some(l) => l,
-        None => match connect(addr).await {
+        None => match dial().await {
             Ok(l) => l,
             Err(f) => return fail_all(batch, f),
         },
     };
     loop {
-        let end = match tokio::time::timeout(timeout, exchange(link, batch, counters)).await {
+        let end = match tokio::time::timeout_at(deadline, exchange(link, batch, counters)).await {
             Ok(end) => end,
             Err(_) => return fail_all(batch, Failure::Timeout),
         };
@@ -212,15 +289,15 @@ async fn run(
             End::Broke(ExchangeError::BeforeResponse(_), Answered::None) if !fresh => {
                 // The upstream had closed the idle connection: once more on a fresh one.
                 fresh = true;
-                link = match connect(addr).await {
+                link = match dial().await {
                     Ok(l) => l,
                     Err(f) => return fail_all(batch, f),
                 };
             }
-            End::Broke(
-                ExchangeError::BeforeResponse(e) | ExchangeError::Broken(e),
-                Answered::None,
-            ) => return fail_all(batch, Failure::Broken(e)),
+            End::Broke(ExchangeError::BeforeResponse(e), Answered::None) => {
+                // A fresh connection that answered nothing: no progress to be had here.
+                return fail_all(batch, Failure::Broken(e));
+            }
             End::Broke(ExchangeError::BeforeResponse(_), Answered::Some) => {
                 // The upstream answered some and closed (an upstream that does not take
                 // pipelined requests closes after the first): the rest go again, on a new
@@ -228,9 +305,10 @@ async fn run(
                 requeue(lane, batch);
                 return None;
             }
-            End::Broke(ExchangeError::Broken(e), Answered::Some) => {
-                // The response in progress broke: that delivery fails (and retries where its
-                // route retries); the ones behind it were not answered at all and go again.
+            End::Broke(ExchangeError::Broken(e), _) => {
+                // The response in progress broke (cut, malformed): that delivery fails (and
+                // retries where its route retries); the ones behind it were not answered at
+                // all and go again. Each round settles at least one.
                 if let Some(j) = batch.pop_front() {
                     let _ = j.done.send(Err(Failure::Broken(e)));
                 }
@@ -246,11 +324,11 @@ fn requeue(lane: &Lane, batch: &mut VecDeque<Job>) {
     if batch.is_empty() {
         return;
     }
-    let mut queue = lane.queue.lock().unwrap_or_else(|e| e.into_inner());
+    let mut q = lane.queue.lock().unwrap_or_else(|e| e.into_inner());
     while let Some(j) = batch.pop_back() {
-        queue.push_front(j);
+        q.jobs.push_front(j);
     }
-    drop(queue);
+    drop(q);
     lane.ready.notify_one();
 }
 
@@ -279,10 +357,12 @@ enum End {
 }
 
 /// Writes every request of `batch`, then reads the responses in order, answering (and
-/// removing) each job as its response completes.
+/// removing) each job as its response completes. A failed write still reads what arrived:
+/// an upstream that answers the first request and closes makes the rest of a long write fail,
+/// and that first answer is not lost.
 async fn exchange(link: Link, batch: &mut VecDeque<Job>, counters: &Counters) -> End {
     let Link { mut io, mut buf } = link;
-    {
+    let written = {
         let mut slices = Vec::with_capacity(batch.len() * 2);
         for j in batch.iter() {
             slices.push(IoSlice::new(&j.head));
@@ -290,16 +370,21 @@ async fn exchange(link: Link, batch: &mut VecDeque<Job>, counters: &Counters) ->
                 slices.push(IoSlice::new(&j.body));
             }
         }
-        if let Err(e) = write_all_vectored(&mut io, &mut slices).await {
-            return End::Broke(ExchangeError::BeforeResponse(e.to_string()), Answered::None);
-        }
-        counters.writes.inc();
-        counters.sent.inc_by(batch.len() as u64);
-    }
+        write_all_vectored(&mut io, &mut slices).await
+    };
+    counters.writes.inc();
+    counters.sent.inc_by(batch.len() as u64);
     let mut answered = Answered::None;
     while let Some(head_only) = batch.front().map(|j| j.head_only) {
         let (mut ex, resp) = match Exchange::receive(io, buf, head_only).await {
             Ok(r) => r,
+            Err(ExchangeError::BeforeResponse(e)) => {
+                let e = match &written {
+                    Err(w) => format!("writing the batch: {w}; then {e}"),
+                    Ok(()) => e,
+                };
+                return End::Broke(ExchangeError::BeforeResponse(e), answered);
+            }
             Err(e) => return End::Broke(e, answered),
         };
         loop {
@@ -324,6 +409,10 @@ async fn exchange(link: Link, batch: &mut VecDeque<Job>, counters: &Counters) ->
                 );
             }
         }
+    }
+    if written.is_err() {
+        // Everything was answered although the write failed: the connection is done.
+        return End::Closed;
     }
     End::Open(Link { io, buf })
 }
@@ -480,6 +569,33 @@ mod tests {
         assert_eq!(got[0], Ok(201));
         assert!(matches!(&got[1], Err(Failure::Broken(_))), "{:?}", got[1]);
         assert_eq!(got[2..], [Ok(202), Ok(203)]);
+        // First in its batch, too.
+        let paths = ["/cut", "/s/204", "/s/205"].map(String::from);
+        let got = deliver_all(&pipes, addr, &paths).await;
+        assert!(matches!(&got[0], Err(Failure::Broken(_))), "{:?}", got[0]);
+        assert_eq!(got[1..], [Ok(204), Ok(205)]);
+    }
+
+    #[tokio::test]
+    async fn an_idle_lane_is_retired_and_made_again_when_needed() {
+        let (addr, conns) = upstream(usize::MAX, false).await;
+        let c = |n: &str| IntCounter::new(n, "test").unwrap_or_else(|e| panic!("{e}"));
+        let pipes = Pipes::with_idle(c("w"), c("s"), Duration::from_millis(50));
+        for round in 0..2 {
+            let got = deliver_all(&pipes, addr, &["/s/201".to_string()]).await;
+            assert_eq!(got, vec![Ok(201)], "round {round}");
+            assert_eq!(pipes.lanes(), 1);
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while pipes.lanes() > 0 {
+                assert!(std::time::Instant::now() < deadline, "the idle lane stayed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            2,
+            "a new connection for the new lane"
+        );
     }
 
     #[tokio::test]

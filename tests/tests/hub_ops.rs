@@ -659,6 +659,71 @@ async fn with_async_wait_a_request_at_the_bound_waits_for_a_slot_instead_of_drop
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_async_wait_fan_out_requests_take_all_their_slots_at_once() {
+    // Bound 3, three targets per request: one request fills the bound; two more wait, each
+    // for all three of its slots, and both go out once the first one's deliveries end.
+    let held = Recorder::start(Behaviour::Gated).await;
+    let dir = TempDir::new("wait3");
+    let u = held.url();
+    let t = json!({
+        "version": "w3",
+        "hub": { "id": "hub-a", "advertise": "http://127.0.0.1:1", "max_in_flight": 3,
+                 "async_retries": 0, "async_wait_ms": 600000 },
+        "providers": {
+            "p1": { "url": u, "timeout_ms": 600000 },
+            "p2": { "url": u, "timeout_ms": 600000 },
+            "p3": { "url": u, "timeout_ms": 600000 },
+        },
+        "routes": [{ "id": "r", "match": { "path_prefix": "/" }, "targets": ["p1", "p2", "p3"],
+                     "delivery": "async" }],
+    });
+    let f = dir.write("t.json", t.to_string());
+    let hub = HubProc::start(&f, &[]).await;
+    let r = request(&hub.addr, "POST", "/", &[], b"first")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status, 204);
+    eventually(
+        "the first request's deliveries hold the bound",
+        WAIT,
+        || (held.count() == 3).then_some(()),
+    )
+    .await;
+    let waiting: Vec<_> = ["second", "third"]
+        .iter()
+        .map(|b| {
+            let addr = hub.addr.clone();
+            tokio::spawn(async move { request(&addr, "POST", "/", &[], b.as_bytes()).await })
+        })
+        .collect();
+    eventually_async("both wait", WAIT, || async {
+        (metric(&hub, "hub_async_waiting").await == 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&hub, "hub_deliveries_in_flight").await, 3.0);
+    held.open_gate();
+    for w in waiting {
+        let r = w
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status, 204);
+    }
+    eventually("every delivery of all three requests", WAIT, || {
+        (held.count() == 9).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &hub,
+            "hub_deliveries_dropped_total{reason=\"in_flight_full\"}"
+        )
+        .await,
+        0.0
+    );
+}
+
 /// A version whose only route delivers `async` to `target`, with `hub.max_in_flight` = `bound`.
 /// Held deliveries neither time out nor retry (either would reach the target again and skew the
 /// counts on a slow machine).
