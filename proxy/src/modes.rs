@@ -361,7 +361,8 @@ impl Hub {
     /// `accept` + `async` (parallel) with `hub.async_wait_ms`: takes the request's slots (one
     /// per delivery) all at once, waiting up to `wait` for them when they are not free (the
     /// request's 204 waits with it), and spawns what was admitted. After the wait, a delivery
-    /// with no free slot is dropped and counted.
+    /// with no free slot is dropped and counted. At most `max_in_flight` requests wait at once;
+    /// beyond that one does not wait.
     async fn admit_then_spawn(
         &self,
         t: &Arc<HubTable>,
@@ -376,10 +377,14 @@ impl Hub {
         let n = u32::try_from(list.len()).unwrap_or(u32::MAX);
         // All of the request's slots at once: a request never holds some while it waits
         // for more (holding them idle could leave every slot parked and nothing in flight).
+        let waiting = &self.engine.metrics.async_waiting;
+        // At most `max_in_flight` requests wait (each holds its body): beyond, no wait.
+        let may_wait = usize::try_from(waiting.get()).unwrap_or(0) < t.table.hub.max_in_flight;
         let all = match slots.clone().try_acquire_many_owned(n) {
             Ok(p) => Some(p),
+            Err(_) if !may_wait => None,
             Err(_) => {
-                let _waiting = Waiting::new(&self.engine.metrics.async_waiting);
+                let _waiting = Waiting::new(waiting);
                 tokio::time::timeout(wait, slots.clone().acquire_many_owned(n))
                     .await
                     .ok()

@@ -617,7 +617,9 @@ async fn upgrade_hands_over_listeners_without_failed_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_async_wait_a_request_at_the_bound_waits_for_a_slot_instead_of_dropping() {
     const DROPPED: &str = "hub_deliveries_dropped_total{reason=\"in_flight_full\"}";
-    for (wait_ms, dropped) in [(600_000, 0.0), (1, 1.0)] {
+    // With the long wait, a third request finds `max_in_flight` (1) requests waiting already:
+    // it does not wait, its delivery is the one dropped.
+    for (wait_ms, dropped) in [(600_000, 1.0), (1, 1.0)] {
         let held = Recorder::start(Behaviour::Gated).await;
         let dir = TempDir::new("wait");
         let mut t: serde_json::Value =
@@ -641,6 +643,11 @@ async fn with_async_wait_a_request_at_the_bound_waits_for_a_slot_instead_of_drop
             })
             .await;
             assert!(!second.is_finished(), "its 204 waits with it");
+            let r = request(&hub.addr, "POST", "/", &[], b"third")
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(r.status, 204, "no second waiter: answered at once");
+            assert_eq!(metric(&hub, DROPPED).await, 1.0);
             held.open_gate();
         }
         let r = second
