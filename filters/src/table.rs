@@ -618,6 +618,13 @@ pub(crate) mod tests {
         }
     }
 
+    /// Asserts that every problem of `want` is among `p`, word for word.
+    fn has_all(p: &[String], want: &[&str]) {
+        for e in want {
+            assert!(p.iter().any(|x| x == e), "missing {e:?} in {p:#?}");
+        }
+    }
+
     #[test]
     fn sample_compiles() {
         let t = load_bytes(sample().as_bytes()).unwrap_or_else(|e| panic!("{e}"));
@@ -705,13 +712,13 @@ pub(crate) mod tests {
             r#""timeout_ms": 500 }"#,
             r#""timeout_ms": 500, "pipeline": { "depth": 1, "connections": 0 } }"#,
         );
-        let p = problems(&bad);
-        for e in [
-            "$.providers.provider-b.pipeline.depth: must be 2..=256",
-            "$.providers.provider-b.pipeline.connections: must be 1..=256",
-        ] {
-            assert!(p.iter().any(|x| x == e), "missing {e:?} in {p:#?}");
-        }
+        has_all(
+            &problems(&bad),
+            &[
+                "$.providers.provider-b.pipeline.depth: must be 2..=256",
+                "$.providers.provider-b.pipeline.connections: must be 1..=256",
+            ],
+        );
         let unknown = sample().replace(
             r#""timeout_ms": 500 }"#,
             r#""timeout_ms": 500, "pipeline": { "depth": 4, "window": 2 } }"#,
@@ -730,14 +737,14 @@ pub(crate) mod tests {
             r#""max_hops": 8"#,
             r#""max_hops": 8, "max_in_flight": 1000001, "outcome_queue": 0, "async_wait_ms": 600001"#,
         );
-        let p = problems(&doc);
-        for e in [
-            "$.hub.max_in_flight: must be between 1 and 1000000",
-            "$.hub.outcome_queue: must be between 1 and 1000000",
-            "$.hub.async_wait_ms: must be at most 600000",
-        ] {
-            assert!(p.iter().any(|x| x == e), "missing {e:?} in {p:#?}");
-        }
+        has_all(
+            &problems(&doc),
+            &[
+                "$.hub.max_in_flight: must be between 1 and 1000000",
+                "$.hub.outcome_queue: must be between 1 and 1000000",
+                "$.hub.async_wait_ms: must be at most 600000",
+            ],
+        );
         let ok = sample().replace(
             r#""max_hops": 8"#,
             r#""max_hops": 8, "max_in_flight": 1000000"#,

@@ -344,18 +344,31 @@ impl Hub {
         };
         let mut admitted = Vec::new();
         if order == Order::Parallel {
-            admitted.reserve(list.len());
-            for &i in &list {
-                match slots.clone().try_acquire_owned() {
-                    Ok(p) => admitted.push((i, p)),
-                    Err(_) => count_dropped(&self.engine, t, route, i),
-                }
-            }
+            admitted = self.admit_free(t, route, &slots, &list);
             if admitted.is_empty() {
                 return;
             }
         }
         self.spawn_admitted(t, route, out, body, list, slots, retries, order, admitted);
+    }
+
+    /// A free slot of `slots` for each delivery of `list` that can have one now; the others
+    /// are dropped and counted.
+    fn admit_free(
+        &self,
+        t: &HubTable,
+        route: usize,
+        slots: &Arc<Semaphore>,
+        list: &[usize],
+    ) -> Vec<(usize, OwnedSemaphorePermit)> {
+        let mut admitted = Vec::with_capacity(list.len());
+        for &i in list {
+            match slots.clone().try_acquire_owned() {
+                Ok(p) => admitted.push((i, p)),
+                Err(_) => count_dropped(&self.engine, t, route, i),
+            }
+        }
+        admitted
     }
 
     /// `accept` + `async` (parallel) with `hub.async_wait_ms`: takes the request's slots (one
@@ -373,16 +386,16 @@ impl Hub {
         wait: Duration,
     ) {
         let slots = self.engine.in_flight.shared();
-        let mut admitted = Vec::with_capacity(list.len());
         let n = u32::try_from(list.len()).unwrap_or(u32::MAX);
+        let waiting = &self.engine.metrics.async_waiting;
         // All of the request's slots at once: a request never holds some while it waits
         // for more (holding them idle could leave every slot parked and nothing in flight).
-        let waiting = &self.engine.metrics.async_waiting;
         // At most `max_in_flight` requests wait (each holds its body): beyond, no wait.
-        let may_wait = usize::try_from(waiting.get()).unwrap_or(0) < t.table.hub.max_in_flight;
         let all = match slots.clone().try_acquire_many_owned(n) {
             Ok(p) => Some(p),
-            Err(_) if !may_wait => None,
+            Err(_) if usize::try_from(waiting.get()).unwrap_or(0) >= t.table.hub.max_in_flight => {
+                None
+            }
             Err(_) => {
                 let _waiting = Waiting::new(waiting);
                 tokio::time::timeout(wait, slots.clone().acquire_many_owned(n))
@@ -391,24 +404,14 @@ impl Hub {
                     .and_then(Result::ok)
             }
         };
-        match all {
-            Some(mut all) => {
-                for &i in &list {
-                    if let Some(one) = all.split(1) {
-                        admitted.push((i, one));
-                    }
-                }
-            }
-            None => {
-                // Waited long enough: what is free now goes out, the rest is dropped.
-                for &i in &list {
-                    match slots.clone().try_acquire_owned() {
-                        Ok(p) => admitted.push((i, p)),
-                        Err(_) => count_dropped(&self.engine, t, route, i),
-                    }
-                }
-            }
-        }
+        let admitted = match all {
+            Some(mut all) => list
+                .iter()
+                .filter_map(|&i| all.split(1).map(|one| (i, one)))
+                .collect(),
+            // Waited long enough: what is free now goes out, the rest is dropped.
+            None => self.admit_free(t, route, &slots, &list),
+        };
         if admitted.is_empty() {
             return;
         }

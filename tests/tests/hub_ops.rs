@@ -622,19 +622,7 @@ async fn with_async_wait_a_request_at_the_bound_waits_for_a_slot_instead_of_drop
     for (wait_ms, dropped) in [(600_000, 1.0), (1, 1.0)] {
         let held = Recorder::start(Behaviour::Gated).await;
         let dir = TempDir::new("wait");
-        let mut t: serde_json::Value =
-            serde_json::from_str(&bounded("w", 1, &held.url())).unwrap_or_else(|e| panic!("{e}"));
-        t["hub"]["async_wait_ms"] = json!(wait_ms);
-        let f = dir.write("t.json", t.to_string());
-        let hub = HubProc::start(&f, &[]).await;
-        let r = request(&hub.addr, "POST", "/", &[], b"first")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(r.status, 204);
-        eventually("the first delivery holds the only slot", WAIT, || {
-            (held.count() == 1).then_some(())
-        })
-        .await;
+        let hub = fill_bound(&dir, &held, 1, wait_ms).await;
         let addr = hub.addr.clone();
         let second = tokio::spawn(async move { request(&addr, "POST", "/", &[], b"second").await });
         if wait_ms > 1 {
@@ -672,31 +660,7 @@ async fn with_async_wait_fan_out_requests_take_all_their_slots_at_once() {
     // for all three of its slots, and both go out once the first one's deliveries end.
     let held = Recorder::start(Behaviour::Gated).await;
     let dir = TempDir::new("wait3");
-    let u = held.url();
-    let t = json!({
-        "version": "w3",
-        "hub": { "id": "hub-a", "advertise": "http://127.0.0.1:1", "max_in_flight": 3,
-                 "async_retries": 0, "async_wait_ms": 600000 },
-        "providers": {
-            "p1": { "url": u, "timeout_ms": 600000 },
-            "p2": { "url": u, "timeout_ms": 600000 },
-            "p3": { "url": u, "timeout_ms": 600000 },
-        },
-        "routes": [{ "id": "r", "match": { "path_prefix": "/" }, "targets": ["p1", "p2", "p3"],
-                     "delivery": "async" }],
-    });
-    let f = dir.write("t.json", t.to_string());
-    let hub = HubProc::start(&f, &[]).await;
-    let r = request(&hub.addr, "POST", "/", &[], b"first")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(r.status, 204);
-    eventually(
-        "the first request's deliveries hold the bound",
-        WAIT,
-        || (held.count() == 3).then_some(()),
-    )
-    .await;
+    let hub = fill_bound(&dir, &held, 3, 600_000).await;
     let waiting: Vec<_> = ["second", "third"]
         .iter()
         .map(|b| {
@@ -731,18 +695,58 @@ async fn with_async_wait_fan_out_requests_take_all_their_slots_at_once() {
     );
 }
 
+/// Starts a hub whose only route delivers `async` to `bound` targets, all `held`, with
+/// `hub.max_in_flight` = `bound` and `async_wait_ms` = `wait_ms`, and fills the bound with a
+/// first request (answered 204 at once, its deliveries held).
+async fn fill_bound(dir: &TempDir, held: &Recorder, bound: usize, wait_ms: u64) -> HubProc {
+    let mut t: Value = serde_json::from_str(&bounded_to("w", bound, &held.url(), bound))
+        .unwrap_or_else(|e| panic!("{e}"));
+    t["hub"]["async_wait_ms"] = json!(wait_ms);
+    let f = dir.write("t.json", t.to_string());
+    let hub = HubProc::start(&f, &[]).await;
+    let r = request(&hub.addr, "POST", "/", &[], b"first")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status, 204);
+    eventually(
+        "the first request's deliveries hold the bound",
+        WAIT,
+        || (held.count() == bound).then_some(()),
+    )
+    .await;
+    hub
+}
+
 /// A version whose only route delivers `async` to `target`, with `hub.max_in_flight` = `bound`.
 /// Held deliveries neither time out nor retry (either would reach the target again and skew the
 /// counts on a slow machine).
 fn bounded(v: &str, bound: usize, target: &str) -> String {
+    bounded_to(v, bound, target, 1)
+}
+
+/// [`bounded`] with `targets` providers (`held`, `held2`, ...), all at `target`.
+fn bounded_to(v: &str, bound: usize, target: &str, targets: usize) -> String {
+    let ids: Vec<String> = (1..=targets)
+        .map(|k| {
+            if k == 1 {
+                "held".to_string()
+            } else {
+                format!("held{k}")
+            }
+        })
+        .collect();
+    let providers: serde_json::Map<String, Value> = ids
+        .iter()
+        .map(|id| (id.clone(), json!({ "url": target, "timeout_ms": 600000 })))
+        .collect();
     json!({
         "version": v,
         "hub": {
             "id": "hub-a", "advertise": "http://127.0.0.1:1",
             "max_in_flight": bound, "async_retries": 0,
         },
-        "providers": { "held": { "url": target, "timeout_ms": 600000 } },
-        "routes": [{ "id": "r", "match": { "path_prefix": "/" }, "targets": ["held"], "delivery": "async" }],
+        "providers": providers,
+        "routes": [{ "id": "r", "match": { "path_prefix": "/" }, "targets": ids, "delivery": "async" }],
     })
     .to_string()
 }
