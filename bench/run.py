@@ -227,34 +227,29 @@ def measure(server_pids, port, args, script):
     return res
 
 
-def hub_metric(admin, prefix):
+def hub_metrics(admin):
+    """The hub's Prometheus text, or None if it cannot be read."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=2) as r:
-            text = r.read().decode()
+            return r.read().decode()
     except Exception:
         return None
-    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(prefix))
 
 
-# Scenarios whose deliveries can be pipelined (an `accept` route's deliveries; the proxy
-# scenarios' primary streams its answer, and slow_copy's only pipelinable delivery is the copy to
-# the 20 ms upstream, which answers one request at a time).
-PIPELINED = ("fanout3_confirmed", "fanout3_async", "body_64k")
-
-
-def hub_metrics_by(admin, prefix):
-    """Every nonzero sample of a metric family, by its labels."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=2) as r:
-            text = r.read().decode()
-    except Exception:
-        return {}
+def samples(text, prefix):
+    """Every nonzero sample of a metric family in `text`, by its labels."""
     out = {}
     for l in text.splitlines():
         if l.startswith(prefix) and not l.endswith(" 0"):
             k, v = l.rsplit(" ", 1)
             out[k[len(prefix):]] = float(v)
     return out
+
+
+# Scenarios whose deliveries can be pipelined (an `accept` route's deliveries; the proxy
+# scenarios' primary streams its answer, and slow_copy's only pipelinable delivery is the copy to
+# the 20 ms upstream, which answers one request at a time).
+PIPELINED = ("fanout3_confirmed", "fanout3_async", "body_64k")
 
 
 def run_hub(name, args, bins, ups, slow_port, workdir, script, pipeline=None):
@@ -286,9 +281,13 @@ def run_hub(name, args, bins, ups, slow_port, workdir, script, pipeline=None):
         res = measure(pids, port, args, script)
         if name in ("fanout3_async", "slow_copy"):
             time.sleep(0.5)  # let background deliveries settle before reading the counters
-            extra["dropped"] = hub_metric(admin, "hub_deliveries_dropped_total")
-            extra["dropped_by"] = hub_metrics_by(admin, "hub_deliveries_dropped_total")
-            extra["failed"] = {k: v for k, v in hub_metrics_by(admin, "hub_deliveries_total").items() if 'result="ok"' not in k}
+            text = hub_metrics(admin)
+            if text is None:
+                extra["dropped"] = None
+            else:
+                extra["dropped_by"] = samples(text, "hub_deliveries_dropped_total")
+                extra["dropped"] = sum(extra["dropped_by"].values())
+                extra["failed"] = {k: v for k, v in samples(text, "hub_deliveries_total").items() if 'result="ok"' not in k}
         res.update(extra)
         return dict(res, scenario=name, server="multihub+pipeline" if pipeline else "multihub")
     finally:
