@@ -156,10 +156,11 @@ pub struct Pool {
 /// Per upstream address: idle connections with the time each was put back, oldest first.
 type IdleLinks = HashMap<SocketAddr, VecDeque<(Link, Instant)>, BuildHasherDefault<AddrHasher>>;
 
-/// The pool's hasher: its keys are upstream addresses from the routing table, not requester
-/// input, so a multiply-rotate mix does (SipHash cost more than the lookup it guards).
+/// The hasher of maps keyed by upstream addresses (the pool, the pipelining lanes): the keys
+/// come from the routing table, not requester input, so a multiply-rotate mix does (SipHash
+/// cost more than the lookup it guards).
 #[derive(Default)]
-struct AddrHasher(u64);
+pub(crate) struct AddrHasher(u64);
 
 impl Hasher for AddrHasher {
     fn write(&mut self, bytes: &[u8]) {

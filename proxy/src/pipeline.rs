@@ -30,6 +30,7 @@ use multihub_filters::table::Pipeline;
 use multihub_protocol::http1::client::{write_all_vectored, Exchange, ExchangeError};
 use prometheus::IntCounter;
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
-use crate::deliver::{connect, quiet, Failure, Link, IDLE_TIMEOUT};
+use crate::deliver::{connect, quiet, AddrHasher, Failure, Link, IDLE_TIMEOUT};
 
 /// Most request bytes (heads and bodies) one batch writes; a single larger request goes alone.
 pub const BATCH_BYTES: usize = 256 * 1024;
@@ -81,7 +82,7 @@ pub struct Pipes {
     idle: Duration,
 }
 
-type Lanes = HashMap<(SocketAddr, Pipeline), Arc<Lane>>;
+type Lanes = HashMap<(SocketAddr, Pipeline), Arc<Lane>, BuildHasherDefault<AddrHasher>>;
 
 /// `hub_pipeline_writes_total` and `hub_pipelined_deliveries_total`.
 #[derive(Clone)]
@@ -108,7 +109,7 @@ impl Pipes {
     /// Like [`Pipes::new`], with connections closed and lanes retired after `idle`.
     pub fn with_idle(writes: IntCounter, sent: IntCounter, idle: Duration) -> Pipes {
         Pipes {
-            lanes: Arc::new(Mutex::new(HashMap::new())),
+            lanes: Arc::new(Mutex::new(HashMap::default())),
             counters: Counters { writes, sent },
             idle,
         }
