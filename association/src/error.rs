@@ -99,6 +99,8 @@ pub enum AssociationError {
     Metrics(#[from] prometheus::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Listen(#[from] multihub_protocol::net::ListenError),
 }
 
 #[cfg(test)]

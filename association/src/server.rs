@@ -47,6 +47,8 @@ pub fn run(config: Config) -> Result<(), AssociationError> {
     let listen = config.listen.to_string();
     let api_addr = config.listen;
     let admin_listen = config.admin_listen.to_string();
+    // Before the store is opened: a service that cannot listen exits at once.
+    multihub_protocol::net::check_listen(&[&listen, &admin_listen])?;
     let conf = ServerConf {
         threads,
         grace_period_seconds: Some(1),

@@ -125,6 +125,31 @@ fn spawn(
     Ok((child, log))
 }
 
+/// Fails unless every address of `topo` (components and outcome sink) is free: a component
+/// that finds its address taken exits, but polling that address's `/readyz` could reach
+/// whoever holds it (an earlier `up` still running) and take it for the new component.
+fn check_addresses(opts: &UpOpts, topo: &Topology) -> Result<(), LaunchError> {
+    let mut addrs = vec![
+        topo.association.listen.as_str(),
+        topo.association.admin.as_str(),
+    ];
+    for p in &topo.providers {
+        addrs.extend([p.listen.as_str(), p.admin.as_str()]);
+    }
+    for h in &topo.hubs {
+        addrs.extend([h.listen.as_str(), h.admin.as_str()]);
+    }
+    if let Some((sink, _)) = &topo.sink {
+        addrs.push(sink.as_str());
+    }
+    multihub_protocol::net::check_listen(&addrs).map_err(|e| {
+        LaunchError::Failed(format!(
+            "{e}; is an earlier `multihub up` still running? Stop it, or change the addresses in {}",
+            opts.conf.display()
+        ))
+    })
+}
+
 /// Starts every component (association, providers, hubs) of `topo` and waits for each `/readyz`.
 pub async fn start(opts: &UpOpts, topo: &Topology) -> Result<Vec<Component>, LaunchError> {
     let root = opts
@@ -261,6 +286,8 @@ pub fn stop(comps: &mut [Component]) {
 /// `multihub up`: runs until Ctrl-C.
 pub async fn run(opts: UpOpts) -> Result<(), LaunchError> {
     let topo = Topology::load(&opts.conf)?;
+    // Before anything is made or started.
+    check_addresses(&opts, &topo)?;
     std::fs::create_dir_all(opts.state.join("logs"))?;
     let outcomes = opts.state.join("outcomes.jsonl");
     let sink = match &topo.sink {

@@ -17,6 +17,8 @@ pub enum ProviderError {
     Usage(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Listen(#[from] multihub_protocol::net::ListenError),
 }
 
 /// A refusal or failure of one request: `kind` is the `error` field, `detail` names the field.

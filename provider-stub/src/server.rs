@@ -196,6 +196,8 @@ pub fn build(cfg: &Config) -> Result<Built, ProviderError> {
 
 /// Builds the server and runs it until a shutdown signal.
 pub fn run(cfg: &Config) -> Result<(), ProviderError> {
+    // Before the store and key are touched: a provider that cannot listen exits at once.
+    multihub_protocol::net::check_listen(&[&cfg.listen, &cfg.admin_listen])?;
     let built = build(cfg)?;
     if built.key_generated {
         log::info!(

@@ -75,6 +75,10 @@ pub fn run(opts: &RunOpts, routes: &Path, loaded: Loaded) -> Result<(), HubError
     if opts.threads == 0 {
         return Err(HubError::Usage("--threads must be at least 1".into()));
     }
+    if !opts.upgrade {
+        // (An upgrade takes over the running hub's listeners instead of binding.)
+        multihub_protocol::net::check_listen(&[&opts.listen, &opts.admin])?;
+    }
     let access_log = match opts.access_log.as_str() {
         "off" => None,
         target => {

@@ -84,6 +84,44 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A port held by a listener of this test process (until the listener is dropped), as
+/// `127.0.0.1:<port>`: a process told to listen there finds it taken.
+pub fn taken_port() -> (TcpListener, String) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}")).to_string();
+    (l, addr)
+}
+
+/// Runs `cmd` with its output in `log` until it exits or `deadline` passes (then kills it):
+/// its exit code, `None` when it was still running at the deadline, and what it wrote.
+pub async fn exit_within(
+    mut cmd: Command,
+    log: &Path,
+    deadline: Duration,
+) -> (Option<i32>, String) {
+    let out = std::fs::File::create(log).unwrap_or_else(|e| panic!("{e}"));
+    let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn: {e}"));
+    let end = Instant::now() + deadline;
+    let code = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st.code();
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    (code, std::fs::read_to_string(log).unwrap_or_default())
+}
+
 /// An upstream address nothing in the tests can listen on (port 1 is privileged and unused):
 /// connections to it are refused.
 pub const DOWN_URL: &str = "http://127.0.0.1:1";

@@ -45,36 +45,21 @@ impl ProviderProc {
     /// `association` and starts the provider.
     pub async fn start(id: &str, association: &str) -> ProviderProc {
         let dir = TempDir::new("provider");
-        let policy_dir = dir.path().join("policies");
-        let policy_file = dir.write("policies/test-policy.json", TEST_POLICY);
-        let delegations_file = dir.write("delegations.json", TEST_DELEGATIONS);
-        let store = dir.path().join("state/provider.db");
-        let key_file = dir.path().join("state/key");
-        let (port, admin_port) = (free_port(), free_port());
-        let cfg = serde_json::json!({
-            "version": 1,
-            "provider": id,
-            "listen": format!("127.0.0.1:{port}"),
-            "admin_listen": format!("127.0.0.1:{admin_port}"),
-            "key_file": key_file,
-            "store": store,
-            "policy": {"dir": policy_dir, "id": "test-policy", "version": "1"},
-            "delegations": delegations_file,
-            "association": {"url": association},
-            "limits": {"max_body_bytes": 4096, "threads": 2},
-            "outbox": {"initial_backoff_ms": 10, "max_backoff_ms": 200, "timeout_ms": 2000},
-        });
-        let config = dir.write("provider.json", cfg.to_string());
+        let (addr, admin) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        let config = write_config(&dir, id, association, &addr, &admin);
         let mut p = ProviderProc {
             child: None,
             id: id.to_string(),
-            addr: format!("127.0.0.1:{port}"),
-            admin: format!("127.0.0.1:{admin_port}"),
+            addr,
+            admin,
             config,
-            store,
-            key_file,
-            policy_file,
-            delegations_file,
+            store: dir.path().join("state/provider.db"),
+            key_file: dir.path().join("state/key"),
+            policy_file: dir.path().join("policies/test-policy.json"),
+            delegations_file: dir.path().join("delegations.json"),
             log: dir.path().join("provider.log"),
             dir,
         };
@@ -183,6 +168,34 @@ pub fn receipt_bytes(answer: &[u8]) -> Vec<u8> {
 /// name paths relative to it): (exit code, stdout, stderr).
 pub fn run_in_root(args: &[&str]) -> (i32, String, String) {
     run_provider_in(&workspace_root(), args)
+}
+
+/// Writes into `dir` a provider config (test policy and delegations, key and store under
+/// `state/`) listening on `addr` and `admin`, whose signals go to `association`; its path.
+pub fn write_config(
+    dir: &TempDir,
+    id: &str,
+    association: &str,
+    addr: &str,
+    admin: &str,
+) -> PathBuf {
+    let policy_dir = dir.path().join("policies");
+    dir.write("policies/test-policy.json", TEST_POLICY);
+    let delegations_file = dir.write("delegations.json", TEST_DELEGATIONS);
+    let cfg = serde_json::json!({
+        "version": 1,
+        "provider": id,
+        "listen": addr,
+        "admin_listen": admin,
+        "key_file": dir.path().join("state/key"),
+        "store": dir.path().join("state/provider.db"),
+        "policy": {"dir": policy_dir, "id": "test-policy", "version": "1"},
+        "delegations": delegations_file,
+        "association": {"url": association},
+        "limits": {"max_body_bytes": 4096, "threads": 2},
+        "outbox": {"initial_backoff_ms": 10, "max_backoff_ms": 200, "timeout_ms": 2000},
+    });
+    dir.write("provider.json", cfg.to_string())
 }
 
 /// Runs `multihub-provider` in `dir`.

@@ -44,21 +44,15 @@ impl Topology {
     /// Copies `conf/`, lets `tweak` edit the copy (its path is `<root>/conf`), starts
     /// `multihub up` and waits until it reports every component ready.
     pub async fn start(tweak: impl FnOnce(&Path)) -> Topology {
-        let dir = TempDir::new("e2e");
-        let ports: BTreeMap<u16, u16> = CONF_PORTS.iter().map(|p| (*p, free_port())).collect();
-        let conf = dir.path().join("conf");
-        copy_tree(&workspace_root().join("conf"), &conf, &ports);
-        tweak(&conf);
+        let (dir, ports) = Topology::copy_conf();
+        tweak(&dir.path().join("conf"));
         for b in ["multihub-hub", "multihub-provider", "multihub-association"] {
             bin_path(b);
         }
         let log =
             std::fs::File::create(dir.path().join("up.log")).unwrap_or_else(|e| panic!("{e}"));
         let err = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
-        let child = Command::new(bin_path("multihub"))
-            .args(["up", "--conf", "conf", "--state", "state"])
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
+        let child = Topology::up(&dir)
             .stdout(log)
             .stderr(err)
             .spawn()
@@ -77,6 +71,28 @@ impl Topology {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// A temporary root holding a copy of `conf/` as `conf`, with every fixed port replaced
+    /// by a fresh one (old → new).
+    pub fn copy_conf() -> (TempDir, BTreeMap<u16, u16>) {
+        let dir = TempDir::new("e2e");
+        let ports: BTreeMap<u16, u16> = CONF_PORTS.iter().map(|p| (*p, free_port())).collect();
+        copy_tree(
+            &workspace_root().join("conf"),
+            &dir.path().join("conf"),
+            &ports,
+        );
+        (dir, ports)
+    }
+
+    /// The `multihub up` command for the copy in `dir` (state in `<dir>/state`).
+    pub fn up(dir: &TempDir) -> Command {
+        let mut cmd = Command::new(bin_path("multihub"));
+        cmd.args(["up", "--conf", "conf", "--state", "state"])
+            .current_dir(dir.path())
+            .stdin(Stdio::null());
+        cmd
     }
 
     /// `127.0.0.1:<port>` standing for the `conf/` port `conf_port`.

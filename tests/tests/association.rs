@@ -10,6 +10,7 @@ use multihub_protocol::hashing::{hex_into, repr_of};
 use multihub_protocol::signal::{key_id, Signal, Stage};
 use multihub_tests::association::{AssociationProc, EventStream};
 use multihub_tests::http::{request, Conn};
+use multihub_tests::procs::{exit_within, taken_port};
 use multihub_tests::{eventually, run_bin, workspace_root, TempDir};
 use rand::seq::SliceRandom;
 use serde_json::{json, Value};
@@ -810,4 +811,33 @@ fn validate_accepts_the_example_and_reports_every_problem() {
         }
     }
     assert!(n >= 2, "fixtures in {}", dir.display());
+}
+
+#[tokio::test]
+async fn an_association_that_cannot_listen_exits_at_once_without_opening_its_store() {
+    let dir = TempDir::new("assoc-listen");
+    let ka = key(1);
+    let (_held, taken) = taken_port();
+    let free = format!("127.0.0.1:{}", multihub_tests::free_port());
+    for (listen, admin) in [(&taken, &free), (&free, &taken)] {
+        let store = dir.path().join("association.db");
+        let mut c = config(&[("p-a", &[&ka])], json!({"default": {"quorum": 1}}));
+        c["listen"] = json!(listen);
+        c["admin_listen"] = json!(admin);
+        c["store"] = json!({ "path": store });
+        let f = dir.write("association.json", c.to_string());
+        let mut cmd = std::process::Command::new(multihub_tests::bin_path("multihub-association"));
+        cmd.arg("--config").arg(&f);
+        let log = dir.path().join("association.log");
+        let (code, out) = exit_within(cmd, &log, Duration::from_secs(20)).await;
+        assert_eq!(code, Some(1), "listen {listen} admin {admin}:\n{out}");
+        assert!(
+            out.contains(&format!("multihub-association: cannot listen on {taken}: ")),
+            "{out}"
+        );
+        assert!(
+            !store.exists(),
+            "no store made by a service that cannot run"
+        );
+    }
 }

@@ -414,3 +414,22 @@ async fn pipelining_hubs_still_get_each_provider_to_decide_on_each_request() {
     // Each request went to provider-a and to hub-b.
     assert_eq!(piped, Some(2.0 * n as f64), "{text}");
 }
+
+#[tokio::test]
+async fn up_refuses_to_start_anything_while_an_address_of_conf_is_taken() {
+    // As when an earlier `multihub up` still runs: hub-b's admin address is held.
+    let (dir, ports) = Topology::copy_conf();
+    let held = ports.get(&9181).copied().unwrap_or(9181);
+    let _held = std::net::TcpListener::bind(("127.0.0.1", held))
+        .unwrap_or_else(|e| panic!("bind {held}: {e}"));
+    let log = dir.path().join("up.log");
+    let (code, out) =
+        multihub_tests::procs::exit_within(Topology::up(&dir), &log, Duration::from_secs(20)).await;
+    assert!(matches!(code, Some(c) if c != 0), "{code:?}:\n{out}");
+    assert!(
+        out.contains(&format!("cannot listen on 127.0.0.1:{held}: ")),
+        "{out}"
+    );
+    assert!(out.contains("earlier `multihub up`"), "{out}");
+    assert!(!dir.path().join("state").exists(), "nothing was started");
+}

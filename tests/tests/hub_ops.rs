@@ -2,9 +2,9 @@
 //! graceful shutdown and zero-downtime upgrade. Real processes, recording upstreams.
 
 use multihub_tests::http::{request, Conn};
-use multihub_tests::procs::run_bin;
+use multihub_tests::procs::{exit_within, run_bin, taken_port};
 use multihub_tests::{
-    eventually, eventually_async, free_port, Behaviour, HubProc, Recorder, TempDir,
+    eventually, eventually_async, free_port, Behaviour, HubProc, Recorder, TempDir, DOWN_URL,
 };
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -839,4 +839,32 @@ async fn a_reload_resizes_the_in_flight_bound() {
     send(3).await;
     assert_eq!(settled(9).await, (5, 4));
     held.open_gate();
+}
+
+#[tokio::test]
+async fn a_hub_that_cannot_listen_exits_at_once_naming_the_address() {
+    // Pingora alone would retry a taken address for 30 s, then only its listener thread would
+    // panic, the process living on and /readyz reaching whoever holds the address.
+    let dir = TempDir::new("listen");
+    let f = dir.write(
+        "t.json",
+        version("v1", "pa", &[("pa", DOWN_URL.to_string())]),
+    );
+    let (_held, taken) = taken_port();
+    let free = || format!("127.0.0.1:{}", free_port());
+    let (same, other) = (free(), free());
+    for (listen, admin) in [(&taken, &other), (&other, &taken), (&same, &same)] {
+        let mut cmd = std::process::Command::new(multihub_tests::bin_path("multihub-hub"));
+        cmd.arg("--routes")
+            .arg(&f)
+            .args(["--listen", listen, "--admin", admin]);
+        let log = dir.path().join("hub.log");
+        let (code, out) = exit_within(cmd, &log, Duration::from_secs(20)).await;
+        assert_eq!(code, Some(1), "--listen {listen} --admin {admin}:\n{out}");
+        let bad = if listen == &taken { listen } else { admin };
+        assert!(
+            out.contains(&format!("multihub-hub: cannot listen on {bad}: ")),
+            "{out}"
+        );
+    }
 }

@@ -3,8 +3,9 @@
 
 use multihub_protocol::signal::{Signal, Stage};
 use multihub_tests::http::request;
+use multihub_tests::procs::{exit_within, taken_port};
 use multihub_tests::provider::{
-    hub_headers, receipt_bytes, run_in_root, run_provider_in, ProviderProc,
+    hub_headers, receipt_bytes, run_in_root, run_provider_in, write_config, ProviderProc,
 };
 use multihub_tests::{eventually, sha256_hex, Behaviour, Recorder, TempDir};
 use serde_json::{json, Value};
@@ -833,4 +834,27 @@ fn example_configs_validate_and_keygen_writes_a_0600_key() {
     assert_eq!(kid, sha256_hex(&raw), "key id = sha256 of the public key");
     let (code, _, _) = run_in_root(&["keygen", "--out", &key.to_string_lossy()]);
     assert_eq!(code, 1, "never overwrites a key");
+}
+
+#[tokio::test]
+async fn a_provider_that_cannot_listen_exits_at_once_without_touching_its_state() {
+    let (_held, taken) = taken_port();
+    let free = format!("127.0.0.1:{}", multihub_tests::free_port());
+    for (listen, admin) in [(&taken, &free), (&free, &taken)] {
+        let dir = TempDir::new("provider-listen");
+        let config = write_config(&dir, "p-a", "http://127.0.0.1:1", listen, admin);
+        let mut cmd = std::process::Command::new(multihub_tests::bin_path("multihub-provider"));
+        cmd.arg("--config").arg(&config);
+        let log = dir.path().join("provider.log");
+        let (code, out) = exit_within(cmd, &log, Duration::from_secs(20)).await;
+        assert_eq!(code, Some(1), "listen {listen} admin {admin}:\n{out}");
+        assert!(
+            out.contains(&format!("multihub-provider: cannot listen on {taken}: ")),
+            "{out}"
+        );
+        assert!(
+            !dir.path().join("state").exists(),
+            "no key or store made by a provider that cannot run"
+        );
+    }
 }
