@@ -82,6 +82,15 @@ pub struct Api {
 #[async_trait]
 impl ServerApp for Api {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        if !self.core.api_listener.is_ready() {
+            // Until ready: is this `/readyz`'s probe? (Only before the listener is proved up.)
+            let peer = io
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet().copied()));
+            if self.core.api_listener.arrived(peer) {
+                return None;
+            }
+        }
         serve!(io, shutdown, |c, req| self
             .handle(&mut c, &req, shutdown)
             .await)
@@ -247,10 +256,9 @@ impl Api {
 /// The admin listener: `/metrics`, `/healthz`, `/readyz`.
 pub struct Admin {
     pub core: Arc<Core>,
-    /// The API listener's address, probed by `/readyz` until it accepts a connection (Pingora
-    /// starts the two listeners independently: the admin one can be up first).
+    /// The API listener's address, probed by `/readyz` until the API listener sees the probe
+    /// arrive (Pingora starts the two listeners independently: the admin one can be up first).
     pub api_probe: std::net::SocketAddr,
-    pub api_listening: std::sync::atomic::AtomicBool,
 }
 
 impl Admin {
@@ -258,20 +266,17 @@ impl Admin {
         Admin {
             core,
             api_probe: multihub_protocol::net::probe_addr(api),
-            api_listening: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    async fn api_up(&self) -> bool {
-        use std::sync::atomic::Ordering;
-        if self.api_listening.load(Ordering::Relaxed) {
-            return true;
+    /// `None` when the API listener is up, else why not.
+    async fn api_down(&self) -> Option<&'static str> {
+        use multihub_protocol::net::Probe;
+        match self.core.api_listener.probe(self.api_probe).await {
+            Probe::Ours => None,
+            Probe::Refused => Some("API listener is not accepting yet"),
+            Probe::Foreign => Some("another process accepts on the API address"),
         }
-        let up = multihub_protocol::net::accepts(self.api_probe).await;
-        if up {
-            self.api_listening.store(true, Ordering::Relaxed);
-        }
-        up
     }
 
     /// Answers one request; false when the connection must close.
@@ -286,9 +291,8 @@ impl Admin {
                 if !self.core.ready() {
                     let e = ApiError::Unavailable("store writer is not running".into());
                     respond_err(c, &e).await
-                } else if !self.api_up().await {
-                    let e = ApiError::Unavailable("API listener is not accepting yet".into());
-                    respond_err(c, &e).await
+                } else if let Some(why) = self.api_down().await {
+                    respond_err(c, &ApiError::Unavailable(why.into())).await
                 } else {
                     respond(c, 200, JSON, b"{\"ready\":true}").await
                 }

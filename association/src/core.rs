@@ -138,6 +138,8 @@ pub struct Core {
     pub events: watch::Receiver<i64>,
     writer_alive: Arc<AtomicBool>,
     pub sse_clients: Arc<Semaphore>,
+    /// Whether the API listener is up (proved by `/readyz`'s probe arriving at it).
+    pub api_listener: multihub_protocol::net::ListenerProbe,
     /// SQLite WAL checkpoints off the writer's path (stopped when the core is dropped).
     checkpointer: Option<Checkpointer>,
 }
@@ -216,6 +218,7 @@ impl Core {
             readers,
             events: ev_rx,
             writer_alive: alive,
+            api_listener: Default::default(),
             checkpointer: None,
         }
     }

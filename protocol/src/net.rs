@@ -2,6 +2,8 @@
 //! (readiness checks of the hub and the association).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// Longest one probe may take: with a full accept queue the kernel drops SYNs and an unbounded
@@ -20,13 +22,86 @@ pub fn probe_addr(mut listen: SocketAddr) -> SocketAddr {
     listen
 }
 
-/// True when the listener at `probe` (see [`probe_addr`]) accepts a connection within
-/// [`PROBE_TIMEOUT`].
-pub async fn accepts(probe: SocketAddr) -> bool {
-    matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(probe)).await,
-        Ok(Ok(_))
-    )
+/// What one readiness probe of a listener found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// This process's listener accepted it: ready.
+    Ours,
+    /// Nothing accepted it (not bound yet).
+    Refused,
+    /// Something accepted it and this process never saw it arrive: another process holds the
+    /// address.
+    Foreign,
+}
+
+/// Whether a listener of this process is up, proved by a probe connection the process sees
+/// arrive (a connection to the address is not proof: a listener of another process there
+/// accepts it too). The server calls [`ListenerProbe::arrived`] for each connection it accepts
+/// until [`ListenerProbe::is_ready`]; readiness checks call [`ListenerProbe::probe`].
+#[derive(Debug, Default)]
+pub struct ListenerProbe {
+    ready: AtomicBool,
+    /// Source address of the probe in progress.
+    source: Mutex<Option<SocketAddr>>,
+}
+
+impl ListenerProbe {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Ready without a probe (an address that cannot be probed).
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    /// For a connection the listener accepted from `peer`: true (and ready) when it is the
+    /// probe, which the server then closes.
+    pub fn arrived(&self, peer: Option<SocketAddr>) -> bool {
+        let mut source = self.source.lock().unwrap_or_else(|e| e.into_inner());
+        if peer.is_none() || *source != peer {
+            return false;
+        }
+        *source = None;
+        self.ready.store(true, Ordering::SeqCst);
+        true
+    }
+
+    /// Connects to the listener at `addr` (see [`probe_addr`]) and waits up to
+    /// [`PROBE_TIMEOUT`] for [`ListenerProbe::arrived`] to see it.
+    pub async fn probe(&self, addr: SocketAddr) -> Probe {
+        if self.is_ready() {
+            return Probe::Ours;
+        }
+        // The source address is fixed (and noted) before connecting: the listener may accept
+        // the connection before `connect` returns here.
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        };
+        let Ok(socket) = socket else {
+            return Probe::Refused;
+        };
+        let local = socket
+            .bind(SocketAddr::new(addr.ip(), 0))
+            .and_then(|()| socket.local_addr());
+        let Ok(local) = local else {
+            return Probe::Refused;
+        };
+        *self.source.lock().unwrap_or_else(|e| e.into_inner()) = Some(local);
+        let Ok(Ok(_conn)) = tokio::time::timeout(PROBE_TIMEOUT, socket.connect(addr)).await else {
+            return Probe::Refused;
+        };
+        let end = tokio::time::Instant::now() + PROBE_TIMEOUT;
+        while tokio::time::Instant::now() < end {
+            if self.is_ready() {
+                return Probe::Ours;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        *self.source.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        Probe::Foreign
+    }
 }
 
 /// A listen address the process cannot listen on.
@@ -69,6 +144,7 @@ pub fn check_listen(addrs: &[&str]) -> Result<(), ListenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn wildcards_become_loopback_of_their_family() {
@@ -79,14 +155,46 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn accepts_only_while_something_listens() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+    async fn only_a_listener_that_sees_the_probe_arrive_is_ready() {
+        // Another process's listener: accepts, never reports.
+        let foreign = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        assert!(accepts(probe_addr(addr)).await);
-        drop(l);
-        assert!(!accepts(addr).await);
+        let addr = foreign.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = foreign.accept().await {
+                held.push(s);
+            }
+        });
+        let p = Arc::new(ListenerProbe::default());
+        assert_eq!(p.probe(addr).await, Probe::Foreign);
+        assert!(!p.is_ready());
+        // This process's listener, reporting what it accepts; another connection first, which
+        // is not the probe.
+        let ours = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = ours.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let other = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let seen = p.clone();
+        tokio::spawn(async move {
+            while let Ok((_, peer)) = ours.accept().await {
+                seen.arrived(Some(peer));
+            }
+        });
+        assert_eq!(p.probe(addr).await, Probe::Ours);
+        assert!(p.is_ready());
+        drop(other);
+        // Nothing listening.
+        let gone = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+            l.local_addr().unwrap_or_else(|e| panic!("{e}"))
+        };
+        let fresh = ListenerProbe::default();
+        assert_eq!(fresh.probe(probe_addr(gone)).await, Probe::Refused);
     }
 
     #[test]

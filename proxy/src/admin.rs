@@ -82,7 +82,7 @@ impl ServeHttp for Admin {
             "/readyz" => {
                 if self.engine.draining.load(Ordering::SeqCst) {
                     json_reply(503, json!({ "status": "draining" }))
-                } else if !self.engine.listening.load(Ordering::SeqCst) {
+                } else if !self.engine.listener.is_ready() {
                     json_reply(503, json!({ "status": "starting" }))
                 } else {
                     json_reply(

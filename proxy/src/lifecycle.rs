@@ -10,6 +10,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use multihub_protocol::net::Probe;
+
 use crate::access::AccessLog;
 use crate::metrics::DropReason;
 use crate::state::Engine;
@@ -35,20 +37,30 @@ impl BackgroundService for Lifecycle {
             .map(multihub_protocol::net::probe_addr);
         // Every 20 ms until the listener is up, then once a second for the access log.
         let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let mut warned = false;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = tick.tick() => {
-                    if e.listening.load(Ordering::SeqCst) {
+                    if e.listener.is_ready() {
                         if let Some(l) = &self.access_log { l.flush(); }
                         continue;
                     }
                     let up = match probe {
-                        Some(a) => multihub_protocol::net::accepts(a).await,
-                        None => true,
+                        Some(a) => e.listener.probe(a).await,
+                        None => {
+                            e.listener.set_ready();
+                            Probe::Ours
+                        }
                     };
-                    if up {
-                        e.listening.store(true, Ordering::SeqCst);
+                    if up == Probe::Foreign && !warned {
+                        warned = true;
+                        log::warn!(
+                            "proxy listener {}: another process accepts connections there (the hub handing over in an upgrade, or one holding the address); not ready until this one does",
+                            self.listen
+                        );
+                    }
+                    if up == Probe::Ours {
                         log::info!("ready: proxy listener {} is up", self.listen);
                         tick = tokio::time::interval(Duration::from_secs(1));
                         // The first tick of an interval is immediate.

@@ -269,8 +269,8 @@ pub struct Engine {
     pub background: AtomicUsize,
     /// Set once a graceful shutdown started: `/readyz` answers 503.
     pub draining: AtomicBool,
-    /// Set once the proxy listener accepted a connection probe.
-    pub listening: AtomicBool,
+    /// Whether the proxy listener is up (proved by the lifecycle's probe arriving here).
+    pub listener: multihub_protocol::net::ListenerProbe,
     pub reload: Mutex<ReloadStatus>,
 }
 
@@ -290,7 +290,7 @@ impl Engine {
             active_requests: AtomicUsize::new(0),
             background: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
-            listening: AtomicBool::new(false),
+            listener: Default::default(),
             reload: Mutex::new(ReloadStatus::default()),
         }
     }
