@@ -253,6 +253,26 @@ impl Api {
     }
 }
 
+/// Probes the API listener from start-up until it is proved up, so that its connections stop
+/// being checked for the probe whether or not anyone asks `/readyz`.
+pub struct ApiReadiness {
+    pub core: Arc<Core>,
+    pub api_probe: std::net::SocketAddr,
+}
+
+#[async_trait]
+impl pingora_core::services::background::BackgroundService for ApiReadiness {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        while !self.core.api_listener.is_ready() {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = self.core.api_listener.probe(self.api_probe) => {}
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
 /// The admin listener: `/metrics`, `/healthz`, `/readyz`.
 pub struct Admin {
     pub core: Arc<Core>,

@@ -6,7 +6,7 @@ use pingora_core::services::listening::Service;
 use std::io::Write;
 use std::sync::Arc;
 
-use crate::api::{Admin, Api};
+use crate::api::{Admin, Api, ApiReadiness};
 use crate::config::{Config, SignatureCheck};
 use crate::core::Core;
 use crate::error::AssociationError;
@@ -64,11 +64,21 @@ pub fn run(config: Config) -> Result<(), AssociationError> {
     let mut api = Service::new("association api".into(), Api { core: core.clone() });
     api.threads = Some(threads);
     api.add_tcp(&listen);
-    let mut admin = Service::new("association admin".into(), Admin::new(core, api_addr));
+    let mut admin = Service::new(
+        "association admin".into(),
+        Admin::new(core.clone(), api_addr),
+    );
     admin.threads = Some(1);
     admin.add_tcp(&admin_listen);
     server.add_service(api);
     server.add_service(admin);
+    server.add_service(pingora_core::services::background::background_service(
+        "api readiness",
+        ApiReadiness {
+            core: core.clone(),
+            api_probe: multihub_protocol::net::probe_addr(api_addr),
+        },
+    ));
     log::info!("multihub-association listening on {listen}, admin on {admin_listen}");
     server.run(RunArgs::default());
     Ok(())

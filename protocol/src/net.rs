@@ -1,4 +1,4 @@
-//! How a process makes sure it can listen (before start-up) and probes its own listener
+//! How a process makes sure it can listen (before start-up) and proves its own listener up
 //! (readiness checks of the hub and the association).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -41,8 +41,18 @@ pub enum Probe {
 #[derive(Debug, Default)]
 pub struct ListenerProbe {
     ready: AtomicBool,
-    /// Source address of the probe in progress.
-    source: Mutex<Option<SocketAddr>>,
+    /// Source addresses of the probes in progress (several `/readyz` may probe at once).
+    sources: Mutex<Vec<SocketAddr>>,
+}
+
+/// Takes a probe's source address out of the pending ones however the probe ends.
+struct Pending<'a>(&'a Mutex<Vec<SocketAddr>>, SocketAddr);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        s.retain(|a| *a != self.1);
+    }
 }
 
 impl ListenerProbe {
@@ -58,11 +68,13 @@ impl ListenerProbe {
     /// For a connection the listener accepted from `peer`: true (and ready) when it is the
     /// probe, which the server then closes.
     pub fn arrived(&self, peer: Option<SocketAddr>) -> bool {
-        let mut source = self.source.lock().unwrap_or_else(|e| e.into_inner());
-        if peer.is_none() || *source != peer {
+        let Some(peer) = peer else {
+            return false;
+        };
+        let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if !sources.contains(&peer) {
             return false;
         }
-        *source = None;
         self.ready.store(true, Ordering::SeqCst);
         true
     }
@@ -82,13 +94,17 @@ impl ListenerProbe {
         let Ok(socket) = socket else {
             return Probe::Refused;
         };
-        let local = socket
-            .bind(SocketAddr::new(addr.ip(), 0))
-            .and_then(|()| socket.local_addr());
-        let Ok(local) = local else {
+        // Same address (and IPv6 scope), any port.
+        let mut src = addr;
+        src.set_port(0);
+        let Ok(local) = socket.bind(src).and_then(|()| socket.local_addr()) else {
             return Probe::Refused;
         };
-        *self.source.lock().unwrap_or_else(|e| e.into_inner()) = Some(local);
+        self.sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(local);
+        let _pending = Pending(&self.sources, local);
         let Ok(Ok(_conn)) = tokio::time::timeout(PROBE_TIMEOUT, socket.connect(addr)).await else {
             return Probe::Refused;
         };
@@ -99,7 +115,6 @@ impl ListenerProbe {
             }
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
-        *self.source.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Probe::Foreign
     }
 }
@@ -114,27 +129,56 @@ pub struct ListenError {
     hint: &'static str,
 }
 
-/// Checks before a server starts that it can listen on every one of `addrs`: binds them all at
-/// once (two equal addresses collide, as they would in the server) and lets them go. Pingora
-/// retries a busy address for 30 s and then only its service thread panics: the process lives
-/// on without that listener, and a readiness probe of the address reaches whoever holds it. A
-/// process that cannot listen must say so and exit instead.
+/// The address a listener for `listen` binds: like Pingora, the first one `listen` resolves to
+/// (`ip:port`, or `host:port`).
+pub fn listen_addr(listen: &str) -> std::io::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    listen.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "resolves to no address")
+    })
+}
+
+/// How long [`check_listen`] waits for a taken address to come free (a process restarted
+/// just after the old one was told to stop, which closes its listeners at once).
+pub const LISTEN_WAIT: Duration = Duration::from_secs(2);
+
+/// Checks before a server starts that it can listen on every one of `addrs`: binds what each
+/// resolves to ([`listen_addr`]) all at once (two equal addresses collide, as they would in
+/// the server) and lets them go; a taken one is tried again for [`LISTEN_WAIT`]. Pingora
+/// retries a taken address for 30 s and then only its service thread panics: the process
+/// lives on without that listener, and a readiness probe of the address reaches whoever holds
+/// it. A process that cannot listen must say so and exit instead.
 pub fn check_listen(addrs: &[&str]) -> Result<(), ListenError> {
+    let end = std::time::Instant::now() + LISTEN_WAIT;
     let mut held = Vec::with_capacity(addrs.len());
     for &addr in addrs {
-        match std::net::TcpListener::bind(addr) {
-            Ok(l) => held.push(l),
-            Err(source) => {
-                let hint = if source.kind() == std::io::ErrorKind::AddrInUse {
-                    " (another process, or another listener of this one, has it)"
-                } else {
-                    ""
-                };
-                return Err(ListenError {
-                    addr: addr.to_string(),
-                    source,
-                    hint,
-                });
+        let fail = |source: std::io::Error| {
+            let hint = if source.kind() == std::io::ErrorKind::AddrInUse {
+                " (another process, or another listener of this one, has it)"
+            } else {
+                ""
+            };
+            ListenError {
+                addr: addr.to_string(),
+                source,
+                hint,
+            }
+        };
+        let a = listen_addr(addr).map_err(fail)?;
+        loop {
+            match std::net::TcpListener::bind(a) {
+                Ok(l) => {
+                    held.push(l);
+                    break;
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && std::time::Instant::now() < end
+                        && !held.iter().any(|l| l.local_addr().ok() == Some(a)) =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(fail(e)),
             }
         }
     }
@@ -212,5 +256,19 @@ mod tests {
             "the same address twice"
         );
         assert!(check_listen(&["127.0.0.1:99999"]).is_err(), "no such port");
+        assert!(check_listen(&["localhost:0"]).is_ok(), "a host name");
+    }
+
+    #[test]
+    fn an_address_freed_within_the_wait_is_taken() {
+        // As when the old process was just told to stop: it lets go of the address shortly.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}")).to_string();
+        let old = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(l);
+        });
+        assert!(check_listen(&[&addr]).is_ok());
+        let _ = old.join();
     }
 }

@@ -30,13 +30,14 @@ pub struct Lifecycle {
 impl BackgroundService for Lifecycle {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let e = &self.engine;
-        let probe = self
-            .listen
-            .parse()
+        let probe = multihub_protocol::net::listen_addr(&self.listen)
             .ok()
             .map(multihub_protocol::net::probe_addr);
         // Every 20 ms until the listener is up, then once a second for the access log.
         let mut tick = tokio::time::interval(Duration::from_millis(20));
+        // Another process's listener taking the probes: during an upgrade the old hub keeps
+        // accepting for up to 5 s after the handover; longer than that is worth a warning.
+        let mut foreign_since: Option<Instant> = None;
         let mut warned = false;
         loop {
             tokio::select! {
@@ -53,7 +54,10 @@ impl BackgroundService for Lifecycle {
                             Probe::Ours
                         }
                     };
-                    if up == Probe::Foreign && !warned {
+                    let since = *foreign_since.get_or_insert_with(Instant::now);
+                    if up != Probe::Foreign {
+                        foreign_since = None;
+                    } else if !warned && since.elapsed() >= Duration::from_secs(10) {
                         warned = true;
                         log::warn!(
                             "proxy listener {}: another process accepts connections there (the hub handing over in an upgrade, or one holding the address); not ready until this one does",

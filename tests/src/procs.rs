@@ -70,16 +70,26 @@ pub fn bin_path(name: &str) -> PathBuf {
 /// out before (the kernel may offer a just-released port again; two components of one test
 /// must never get the same one).
 pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let (l, port) = unique_listener();
+    drop(l);
+    port
+}
+
+/// The ports [`free_port`] and [`taken_port`] handed out.
+static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// A listener on 127.0.0.1 on a port not handed out before, and that port (now handed out).
+fn unique_listener() -> (TcpListener, u16) {
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
+        let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("no free port: {e}"));
+        let port = l
+            .local_addr()
             .map(|a| a.port())
             .unwrap_or_else(|e| panic!("no free port: {e}"));
         if !given.contains(&port) {
             given.push(port);
-            return port;
+            return (l, port);
         }
     }
 }
@@ -87,9 +97,8 @@ pub fn free_port() -> u16 {
 /// A port held by a listener of this test process (until the listener is dropped), as
 /// `127.0.0.1:<port>`: a process told to listen there finds it taken.
 pub fn taken_port() -> (TcpListener, String) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
-    let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}")).to_string();
-    (l, addr)
+    let (l, port) = unique_listener();
+    (l, format!("127.0.0.1:{port}"))
 }
 
 /// Runs `cmd` with its output in `log` until it exits or `deadline` passes (then kills it):
@@ -113,6 +122,12 @@ pub async fn exit_within(
             break st.code();
         }
         if Instant::now() > end {
+            // SIGINT first: a launcher stops what it started.
+            signal(child.id(), "INT");
+            let stop = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < stop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             let _ = child.kill();
             let _ = child.wait();
             break None;
