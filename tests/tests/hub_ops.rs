@@ -867,4 +867,11 @@ async fn a_hub_that_cannot_listen_exits_at_once_naming_the_address() {
             "{out}"
         );
     }
+    // Validating a table binds nothing: it works beside the running hub.
+    let f = f.to_string_lossy();
+    let (code, out, err) = run_bin(
+        "multihub-hub",
+        &["--routes", &f, "--listen", &taken, "--validate"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
 }
