@@ -4,9 +4,13 @@
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::Response;
+use multihub_protocol::net::ListenerProbe;
 use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::apps::ServerApp;
 use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::Stream;
 use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::ShutdownWatch;
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
@@ -109,9 +113,56 @@ impl ServeHttp for IngestApp {
     }
 }
 
+/// The ingest app behind the readiness check: until the ingest listener is proved up, each
+/// connection it accepts is checked for the admin listener's probe (see [`ListenerProbe`]).
+pub struct ProbedIngest {
+    pub app: Arc<IngestApp>,
+    pub listener: Arc<ListenerProbe>,
+}
+
+#[async_trait]
+impl ServerApp for ProbedIngest {
+    async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        if !self.listener.is_ready() {
+            let peer = io
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet().copied()));
+            if self.listener.arrived(peer) {
+                return None;
+            }
+        }
+        self.app.process_new(io, shutdown).await
+    }
+}
+
+/// Probes the ingest listener from start-up until it is proved up.
+pub struct IngestReadiness {
+    pub listener: Arc<ListenerProbe>,
+    pub addr: Option<std::net::SocketAddr>,
+}
+
+#[async_trait]
+impl pingora_core::services::background::BackgroundService for IngestReadiness {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(addr) = self.addr else {
+            self.listener.set_ready();
+            return;
+        };
+        while !self.listener.is_ready() {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = self.listener.probe(addr) => {}
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
 /// The admin listener.
 pub struct AdminApp {
     pub provider: Arc<Provider>,
+    /// Whether the ingest listener is proved up (`/readyz`).
+    pub ingest: Arc<ListenerProbe>,
 }
 
 #[async_trait]
@@ -137,10 +188,12 @@ impl ServeHttp for AdminApp {
             }
             ("GET", ["healthz"]) => Reply::json(200, br#"{"status":"ok"}"#.to_vec()),
             ("GET", ["readyz"]) => {
-                if p.writer.alive() {
-                    Reply::json(200, br#"{"status":"ready"}"#.to_vec())
-                } else {
+                if !p.writer.alive() {
                     ApiError::new(503, "not_ready", "store writer stopped").into()
+                } else if !self.ingest.is_ready() {
+                    ApiError::new(503, "not_ready", "ingest listener not proved up yet").into()
+                } else {
+                    Reply::json(200, br#"{"status":"ready"}"#.to_vec())
                 }
             }
             ("GET", ["admin", "ledger"]) => p.ledger().await,
@@ -214,10 +267,14 @@ pub fn run(cfg: &Config) -> Result<(), ProviderError> {
     };
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
+    let listener = Arc::new(ListenerProbe::default());
     let mut ingest = Service::new(
         "ingest".to_string(),
-        IngestApp {
-            provider: built.provider.clone(),
+        ProbedIngest {
+            app: Arc::new(IngestApp {
+                provider: built.provider.clone(),
+            }),
+            listener: listener.clone(),
         },
     );
     ingest.threads = Some(cfg.limits.threads);
@@ -226,6 +283,7 @@ pub fn run(cfg: &Config) -> Result<(), ProviderError> {
         "admin".to_string(),
         AdminApp {
             provider: built.provider.clone(),
+            ingest: listener.clone(),
         },
     );
     admin.threads = Some(1);
@@ -233,6 +291,15 @@ pub fn run(cfg: &Config) -> Result<(), ProviderError> {
     server.add_service(ingest);
     server.add_service(admin);
     server.add_service(background_service("outbox", built.outbox));
+    server.add_service(background_service(
+        "ingest readiness",
+        IngestReadiness {
+            listener,
+            addr: multihub_protocol::net::listen_addr(&cfg.listen)
+                .ok()
+                .map(multihub_protocol::net::probe_addr),
+        },
+    ));
     log::info!(
         "multihub-provider {} listening on {} (admin {}), key id {}, policy {}@{}",
         cfg.provider,
