@@ -82,15 +82,6 @@ pub struct Api {
 #[async_trait]
 impl ServerApp for Api {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        if !self.core.api_listener.is_ready() {
-            // Until ready: is this `/readyz`'s probe? (Only before the listener is proved up.)
-            let peer = io
-                .get_socket_digest()
-                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet().copied()));
-            if self.core.api_listener.arrived(peer) {
-                return None;
-            }
-        }
         serve!(io, shutdown, |c, req| self
             .handle(&mut c, &req, shutdown)
             .await)
@@ -249,26 +240,6 @@ impl Api {
                     }
                 }
             }
-        }
-    }
-}
-
-/// Probes the API listener from start-up until it is proved up, so that its connections stop
-/// being checked for the probe whether or not anyone asks `/readyz`.
-pub struct ApiReadiness {
-    pub core: Arc<Core>,
-    pub api_probe: std::net::SocketAddr,
-}
-
-#[async_trait]
-impl pingora_core::services::background::BackgroundService for ApiReadiness {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        while !self.core.api_listener.is_ready() {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = self.core.api_listener.probe(self.api_probe) => {}
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 }

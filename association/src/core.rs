@@ -139,7 +139,7 @@ pub struct Core {
     writer_alive: Arc<AtomicBool>,
     pub sse_clients: Arc<Semaphore>,
     /// Whether the API listener is up (proved by `/readyz`'s probe arriving at it).
-    pub api_listener: multihub_protocol::net::ListenerProbe,
+    pub api_listener: Arc<multihub_protocol::net::ListenerProbe>,
     /// SQLite WAL checkpoints off the writer's path (stopped when the core is dropped).
     checkpointer: Option<Checkpointer>,
 }

@@ -6,11 +6,12 @@ use pingora_core::services::listening::Service;
 use std::io::Write;
 use std::sync::Arc;
 
-use crate::api::{Admin, Api, ApiReadiness};
+use crate::api::{Admin, Api};
 use crate::config::{Config, SignatureCheck};
 use crate::core::Core;
 use crate::error::AssociationError;
 use crate::metrics::Metrics;
+use multihub_protocol::net::{Probed, ProveUp};
 
 /// The summary `--validate` prints for a valid configuration.
 pub fn describe(c: &Config, out: &mut impl Write) -> std::io::Result<()> {
@@ -61,7 +62,11 @@ pub fn run(config: Config) -> Result<(), AssociationError> {
     let metrics = Arc::new(Metrics::new(&config)?);
     let core = Arc::new(Core::start(config, metrics)?);
 
-    let mut api = Service::new("association api".into(), Api { core: core.clone() });
+    let api = Probed {
+        app: Arc::new(Api { core: core.clone() }),
+        listener: core.api_listener.clone(),
+    };
+    let mut api = Service::new("association api".into(), api);
     api.threads = Some(threads);
     api.add_tcp(&listen);
     let mut admin = Service::new(
@@ -74,9 +79,9 @@ pub fn run(config: Config) -> Result<(), AssociationError> {
     server.add_service(admin);
     server.add_service(pingora_core::services::background::background_service(
         "api readiness",
-        ApiReadiness {
-            core: core.clone(),
-            api_probe: multihub_protocol::net::probe_addr(api_addr),
+        ProveUp {
+            listener: core.api_listener.clone(),
+            addr: Some(multihub_protocol::net::probe_addr(api_addr)),
         },
     ));
     log::info!("multihub-association listening on {listen}, admin on {admin_listen}");

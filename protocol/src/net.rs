@@ -119,6 +119,69 @@ impl ListenerProbe {
     }
 }
 
+/// A Pingora server app behind its listener's readiness proof: until `listener` is ready, each
+/// connection the listener accepts is checked for the probe (and closed if it is one; one peer
+/// lookup per connection, only before ready), then `app` serves it.
+#[cfg(feature = "pingora")]
+pub struct Probed<A> {
+    pub app: std::sync::Arc<A>,
+    pub listener: std::sync::Arc<ListenerProbe>,
+}
+
+#[cfg(feature = "pingora")]
+#[async_trait::async_trait]
+impl<A> pingora_core::apps::ServerApp for Probed<A>
+where
+    A: pingora_core::apps::ServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &std::sync::Arc<Self>,
+        io: pingora_core::protocols::Stream,
+        shutdown: &pingora_core::server::ShutdownWatch,
+    ) -> Option<pingora_core::protocols::Stream> {
+        if !self.listener.is_ready() {
+            let peer = io
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet().copied()));
+            if self.listener.arrived(peer) {
+                return None;
+            }
+        }
+        self.app.process_new(io, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.app.cleanup().await
+    }
+}
+
+/// A background service probing a listener from start-up until it is proved up (`addr`
+/// `None`: an address that cannot be probed, taken as up), so that its connections stop being
+/// checked for the probe whether or not anyone asks `/readyz`.
+#[cfg(feature = "pingora")]
+pub struct ProveUp {
+    pub listener: std::sync::Arc<ListenerProbe>,
+    pub addr: Option<SocketAddr>,
+}
+
+#[cfg(feature = "pingora")]
+#[async_trait::async_trait]
+impl pingora_core::services::background::BackgroundService for ProveUp {
+    async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
+        let Some(addr) = self.addr else {
+            self.listener.set_ready();
+            return;
+        };
+        while !self.listener.is_ready() {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = self.listener.probe(addr) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 /// A listen address the process cannot listen on.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr}: {source}{hint}")]

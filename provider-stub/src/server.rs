@@ -4,13 +4,10 @@
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::Response;
-use multihub_protocol::net::ListenerProbe;
+use multihub_protocol::net::{ListenerProbe, Probed, ProveUp};
 use pingora_core::apps::http_app::ServeHttp;
-use pingora_core::apps::ServerApp;
 use pingora_core::protocols::http::ServerSession;
-use pingora_core::protocols::Stream;
 use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::ShutdownWatch;
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
@@ -110,51 +107,6 @@ impl ServeHttp for IngestApp {
             }
         };
         to_response(self.provider.ingest(&s.req_header().headers, &body).await)
-    }
-}
-
-/// The ingest app behind the readiness check: until the ingest listener is proved up, each
-/// connection it accepts is checked for the admin listener's probe (see [`ListenerProbe`]).
-pub struct ProbedIngest {
-    pub app: Arc<IngestApp>,
-    pub listener: Arc<ListenerProbe>,
-}
-
-#[async_trait]
-impl ServerApp for ProbedIngest {
-    async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        if !self.listener.is_ready() {
-            let peer = io
-                .get_socket_digest()
-                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet().copied()));
-            if self.listener.arrived(peer) {
-                return None;
-            }
-        }
-        self.app.process_new(io, shutdown).await
-    }
-}
-
-/// Probes the ingest listener from start-up until it is proved up.
-pub struct IngestReadiness {
-    pub listener: Arc<ListenerProbe>,
-    pub addr: Option<std::net::SocketAddr>,
-}
-
-#[async_trait]
-impl pingora_core::services::background::BackgroundService for IngestReadiness {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Some(addr) = self.addr else {
-            self.listener.set_ready();
-            return;
-        };
-        while !self.listener.is_ready() {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = self.listener.probe(addr) => {}
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
     }
 }
 
@@ -270,7 +222,7 @@ pub fn run(cfg: &Config) -> Result<(), ProviderError> {
     let listener = Arc::new(ListenerProbe::default());
     let mut ingest = Service::new(
         "ingest".to_string(),
-        ProbedIngest {
+        Probed {
             app: Arc::new(IngestApp {
                 provider: built.provider.clone(),
             }),
@@ -293,7 +245,7 @@ pub fn run(cfg: &Config) -> Result<(), ProviderError> {
     server.add_service(background_service("outbox", built.outbox));
     server.add_service(background_service(
         "ingest readiness",
-        IngestReadiness {
+        ProveUp {
             listener,
             addr: multihub_protocol::net::listen_addr(&cfg.listen)
                 .ok()

@@ -236,16 +236,6 @@ fn request_line(r: &http1::Request) -> std::result::Result<(Method, Target), Rej
 #[async_trait]
 impl ServerApp for Hub {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        if !self.engine.listener.is_ready() {
-            // Until ready: is this the lifecycle's own probe? (One peer lookup per connection,
-            // only before the hub is ready.)
-            let peer = io
-                .get_socket_digest()
-                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet().copied()));
-            if self.engine.listener.arrived(peer) {
-                return None;
-            }
-        }
         let mut conn = Conn::new(io, Limits::default(), shutdown.clone());
         loop {
             let raw = match conn.next_request().await {

@@ -120,6 +120,11 @@ pub fn run(opts: &RunOpts, routes: &Path, loaded: Loaded) -> Result<(), HubError
     server.bootstrap();
 
     let hub = Hub::new(tables.clone(), engine.clone(), access_log.clone());
+    // Behind the readiness proof: the lifecycle's probe must arrive at this listener.
+    let hub = multihub_protocol::net::Probed {
+        app: Arc::new(hub),
+        listener: engine.listener.clone(),
+    };
     let mut svc = Service::new("multihub proxy".to_string(), hub);
     svc.threads = Some(opts.threads);
     svc.add_tcp(&opts.listen);

@@ -270,7 +270,7 @@ pub struct Engine {
     /// Set once a graceful shutdown started: `/readyz` answers 503.
     pub draining: AtomicBool,
     /// Whether the proxy listener is up (proved by the lifecycle's probe arriving here).
-    pub listener: multihub_protocol::net::ListenerProbe,
+    pub listener: Arc<multihub_protocol::net::ListenerProbe>,
     pub reload: Mutex<ReloadStatus>,
 }
 
