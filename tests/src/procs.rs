@@ -137,6 +137,26 @@ pub async fn exit_within(
     (code, std::fs::read_to_string(log).unwrap_or_default())
 }
 
+/// Runs the workspace binary `bin` with `args` (output in `log`) and asserts that it refused
+/// to start: exit status 1 within 20 s (Pingora alone retries a taken address for 30 s) and
+/// `<bin>: cannot listen on <addr>: ` in what it wrote.
+pub async fn assert_cannot_listen<S: AsRef<std::ffi::OsStr>>(
+    bin: &str,
+    args: &[S],
+    log: &Path,
+    addr: &str,
+) {
+    let mut cmd = Command::new(bin_path(bin));
+    cmd.args(args);
+    let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
+    let (code, out) = exit_within(cmd, log, Duration::from_secs(20)).await;
+    assert_eq!(code, Some(1), "{bin} {}:\n{out}", shown.join(" "));
+    assert!(
+        out.contains(&format!("{bin}: cannot listen on {addr}: ")),
+        "{out}"
+    );
+}
+
 /// An upstream address nothing in the tests can listen on (port 1 is privileged and unused):
 /// connections to it are refused.
 pub const DOWN_URL: &str = "http://127.0.0.1:1";

@@ -10,7 +10,7 @@ use multihub_protocol::hashing::{hex_into, repr_of};
 use multihub_protocol::signal::{key_id, Signal, Stage};
 use multihub_tests::association::{AssociationProc, EventStream};
 use multihub_tests::http::{request, Conn};
-use multihub_tests::procs::{exit_within, taken_port};
+use multihub_tests::procs::{assert_cannot_listen, taken_port};
 use multihub_tests::{eventually, run_bin, workspace_root, TempDir};
 use rand::seq::SliceRandom;
 use serde_json::{json, Value};
@@ -826,15 +826,9 @@ async fn an_association_that_cannot_listen_exits_at_once_without_opening_its_sto
         c["admin_listen"] = json!(admin);
         c["store"] = json!({ "path": store });
         let f = dir.write("association.json", c.to_string());
-        let mut cmd = std::process::Command::new(multihub_tests::bin_path("multihub-association"));
-        cmd.arg("--config").arg(&f);
+        let args = ["--config".as_ref(), f.as_os_str()];
         let log = dir.path().join("association.log");
-        let (code, out) = exit_within(cmd, &log, Duration::from_secs(20)).await;
-        assert_eq!(code, Some(1), "listen {listen} admin {admin}:\n{out}");
-        assert!(
-            out.contains(&format!("multihub-association: cannot listen on {taken}: ")),
-            "{out}"
-        );
+        assert_cannot_listen("multihub-association", &args, &log, &taken).await;
         assert!(
             !store.exists(),
             "no store made by a service that cannot run"

@@ -3,7 +3,7 @@
 
 use multihub_protocol::signal::{Signal, Stage};
 use multihub_tests::http::request;
-use multihub_tests::procs::{exit_within, taken_port};
+use multihub_tests::procs::{assert_cannot_listen, taken_port};
 use multihub_tests::provider::{
     hub_headers, receipt_bytes, run_in_root, run_provider_in, write_config, ProviderProc,
 };
@@ -843,15 +843,9 @@ async fn a_provider_that_cannot_listen_exits_at_once_without_touching_its_state(
     for (listen, admin) in [(&taken, &free), (&free, &taken)] {
         let dir = TempDir::new("provider-listen");
         let config = write_config(&dir, "p-a", "http://127.0.0.1:1", listen, admin);
-        let mut cmd = std::process::Command::new(multihub_tests::bin_path("multihub-provider"));
-        cmd.arg("--config").arg(&config);
+        let args = ["--config".as_ref(), config.as_os_str()];
         let log = dir.path().join("provider.log");
-        let (code, out) = exit_within(cmd, &log, Duration::from_secs(20)).await;
-        assert_eq!(code, Some(1), "listen {listen} admin {admin}:\n{out}");
-        assert!(
-            out.contains(&format!("multihub-provider: cannot listen on {taken}: ")),
-            "{out}"
-        );
+        assert_cannot_listen("multihub-provider", &args, &log, &taken).await;
         assert!(
             !dir.path().join("state").exists(),
             "no key or store made by a provider that cannot run"
