@@ -347,11 +347,35 @@ def scenario(name, args, bins, ups, slow_port, workdir):
         if piped:
             hub_piped.append(run_hub(name, args, bins, ups, slow_port, workdir, script, piped))
         ngx.append(run_nginx(name, args, ups, slow_port, workdir, script))
-    return [median_run(hub)] + ([median_run(hub_piped)] if piped else []) + [median_run(ngx)]
+    rows = [median_run(hub)] + ([median_run(hub_piped)] if piped else []) + [median_run(ngx)]
+    for row, runs in zip(rows, [hub] + ([hub_piped] if piped else [])):
+        row.update(paired(runs, ngx))
+    return rows
+
+
+def paired(runs, ngx):
+    """Round-by-round comparison with the nginx run of the same round (run minutes apart from
+    it, so the machine's slow drift cancels): each round's rps ratio, their median, and in how
+    many rounds the hub's p99 was at most nginx's."""
+    ratios = [r["rps"] / n["rps"] for r, n in zip(runs, ngx) if n["rps"]]
+    ordered = sorted(ratios)
+    p99_ok = [r["p99_ms"] <= n["p99_ms"] for r, n in zip(runs, ngx)
+              if r["p99_ms"] is not None and n["p99_ms"] is not None]
+    return {
+        "paired_ratios": [round(x, 3) for x in ratios],
+        "paired_ratio_median": ordered[(len(ordered) - 1) // 2] if ordered else None,
+        "p99_at_most_nginx_rounds": [sum(p99_ok), len(p99_ok)],
+    }
 
 
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
+
+
+def p99_rounds(row):
+    """"k/n": in k of n rounds the hub's p99 was at most nginx's; "-" for nginx rows."""
+    k = row.get("p99_at_most_nginx_rounds")
+    return f"{k[0]}/{k[1]}" if k else "-"
 
 
 def main():
@@ -420,13 +444,15 @@ def main():
         ref = by.get((r["scenario"], "nginx"))
         r["ratio_vs_nginx"] = r["rps"] / ref["rps"] if ref and ref["rps"] else None
         r.pop("raw", None)
-    header = f"{'scenario':<18} {'server':<17} {'rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/req':>10} {'rss MB':>7} {'errors':>6} {'dropped':>7} {'vs nginx':>8}  rps of each round"
+    header = (f"{'scenario':<18} {'server':<17} {'rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/req':>10} {'rss MB':>7} "
+              f"{'errors':>6} {'dropped':>7} {'vs nginx':>8} {'paired':>7} {'p99<=':>5}  rps of each round")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['scenario']:<18} {r['server']:<17} {r['rps']:>9.0f} {fmt(r['p50_ms'], '7.2f')} {fmt(r['p99_ms'], '7.2f')} "
               f"{r['cpu_us_per_req']:>10.1f} {r['peak_rss_mb']:>7.1f} {r['errors']:>6} {fmt(r.get('dropped'), '7.0f')} "
-              f"{fmt(r['ratio_vs_nginx'], '7.2f')}x  {' '.join(str(x) for x in r.get('rps_rounds', []))}")
+              f"{fmt(r['ratio_vs_nginx'], '7.2f')}x {fmt(r.get('paired_ratio_median'), '6.2f') + 'x' if r.get('paired_ratio_median') else '-':>7} {p99_rounds(r):>5}  "
+              f"{' '.join(str(x) for x in r.get('rps_rounds', []))}")
     for sv in services:
         print(f"{sv['scenario']:<18} {sv['server']:<17} {sv['rate']:>9.0f} {sv['unit']}  ({sv['command']})")
     meta = {
