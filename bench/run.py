@@ -328,10 +328,15 @@ def run_nginx(name, args, ups, slow_port, workdir, script):
         procs.stop()
 
 
+def lower_median(values, key=None):
+    """The middle element of `values` in sorted order (the lower one of an even count), or None."""
+    ordered = sorted(values, key=key)
+    return ordered[(len(ordered) - 1) // 2] if ordered else None
+
+
 def median_run(runs):
     """The run with the median rps (its latencies and CPU go with it); every round's rps kept."""
-    ordered = sorted(runs, key=lambda r: r["rps"])
-    row = dict(ordered[(len(ordered) - 1) // 2])
+    row = dict(lower_median(runs, key=lambda r: r["rps"]))
     row["rps_rounds"] = [round(r["rps"]) for r in runs]
     return row
 
@@ -358,18 +363,22 @@ def paired(runs, ngx):
     it, so the machine's slow drift cancels): each round's rps ratio, their median, and in how
     many rounds the hub's p99 was at most nginx's."""
     ratios = [r["rps"] / n["rps"] for r, n in zip(runs, ngx) if n["rps"]]
-    ordered = sorted(ratios)
     p99_ok = [r["p99_ms"] <= n["p99_ms"] for r, n in zip(runs, ngx)
               if r["p99_ms"] is not None and n["p99_ms"] is not None]
     return {
         "paired_ratios": [round(x, 3) for x in ratios],
-        "paired_ratio_median": ordered[(len(ordered) - 1) // 2] if ordered else None,
+        "paired_ratio_median": lower_median(ratios),
         "p99_at_most_nginx_rounds": [sum(p99_ok), len(p99_ok)],
     }
 
 
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
+
+
+def ratio(v, width):
+    """A ratio as "1.02x" right-aligned in `width`, or "-" when there is none."""
+    return f"{'-' if v is None else format(v, '.2f') + 'x':>{width}}"
 
 
 def p99_rounds(row):
@@ -451,7 +460,7 @@ def main():
     for r in rows:
         print(f"{r['scenario']:<18} {r['server']:<17} {r['rps']:>9.0f} {fmt(r['p50_ms'], '7.2f')} {fmt(r['p99_ms'], '7.2f')} "
               f"{r['cpu_us_per_req']:>10.1f} {r['peak_rss_mb']:>7.1f} {r['errors']:>6} {fmt(r.get('dropped'), '7.0f')} "
-              f"{fmt(r['ratio_vs_nginx'], '7.2f')}x {fmt(r.get('paired_ratio_median'), '6.2f') + 'x' if r.get('paired_ratio_median') else '-':>7} {p99_rounds(r):>5}  "
+              f"{ratio(r['ratio_vs_nginx'], 8)} {ratio(r.get('paired_ratio_median'), 7)} {p99_rounds(r):>5}  "
               f"{' '.join(str(x) for x in r.get('rps_rounds', []))}")
     for sv in services:
         print(f"{sv['scenario']:<18} {sv['server']:<17} {sv['rate']:>9.0f} {sv['unit']}  ({sv['command']})")
